@@ -1,0 +1,68 @@
+"""The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from loongforge.backend import Backend
+
+#: dense peak FLOP/s per GPU by device name fragment and dtype (vendor datasheets, no sparsity)
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    collective_backend = "nccl"
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def device(self, local_rank: int | None = None) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+
+    @contextlib.contextmanager
+    def activate(self, local_rank: int = 0):
+        torch.cuda.set_device(local_rank)
+        yield self
+
+    def manual_seed(self, seed: int) -> None:
+        from megatron.core import tensor_parallel
+
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def rng_state(self) -> dict[str, Any]:
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(),
+                "tracker": mcore_random.get_cuda_rng_tracker().get_states()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        torch.set_rng_state(state["cpu"])
+        torch.cuda.set_rng_state(state["cuda"])
+        mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+    def memory_stats(self) -> dict[str, float]:
+        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def peak_flops(self, dtype: str) -> float | None:
+        name = torch.cuda.get_device_name()
+        for key, table in PEAK_FLOPS.items():
+            if key in name:
+                return table.get(dtype)
+        return None

@@ -1,0 +1,3 @@
+"""Intel XPU backend for LoongForge."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Hardware backends that ship with the core."""

@@ -1,0 +1,197 @@
+"""The ``loongforge`` command line.
+
+    loongforge run [CONFIG] [key=value ...] [--nproc-per-node N ...]   train
+    loongforge plugins | models                                         what is installed
+    loongforge config show [CONFIG] [key=value ...]                     the composed config
+    loongforge data preprocess ...                                      jsonl/parquet -> indexed
+    loongforge generate CHECKPOINT --prompt TEXT                        sample from a checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = "default"
+#: torchrun flags ``loongforge run`` passes through to torch's elastic launcher
+LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback."""
+
+
+def _plugins():
+    from loongforge.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def _report_failures(plugins) -> None:
+    for f in plugins.failures:
+        print(f"warning: plugin {f.name!r} ({f.distribution} {f.version}) was not loaded: {f.error}",
+              file=sys.stderr)
+
+
+def cmd_plugins(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    plugins = _plugins()
+    table = Table("plugin", "distribution", "version", "hooks / error")
+    for p in plugins.plugins:
+        table.add_row(p.name, p.distribution, p.version,
+                      f"[red]REFUSED: {p.error}[/red]" if p.error else ", ".join(h.removeprefix("loongforge_") for h in p.hooks) or "(none yet)")
+    Console(width=200).print(table)
+    return 1 if plugins.failures else 0
+
+
+def cmd_models(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loongforge.config.compose import list_configs
+
+    plugins = _plugins()
+    registry = plugins.registry()
+    table = Table("family", "plugin", "HF model_type", "configs")
+    for name, rec in registry.models.items():
+        group = rec.config_group or f"models/{name}"
+        configs = list_configs(registry, group)
+        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types),
+                      f"/{group}: " + ", ".join(configs) if configs else "-")
+    Console(width=200).print(table)
+    _report_failures(plugins)
+    return 0
+
+
+def _compose(args):
+    from loongforge.config import compose_config
+
+    return compose_config(args.config, args.overrides)
+
+
+def cmd_config_show(args) -> int:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(_compose(args)), end="")
+    return 0
+
+
+def _launch(args, launch: list[str]) -> int:
+    """Re-run this command under torch's elastic launcher, one process per rank."""
+    from torch.distributed.run import main as torchrun
+
+    child = ["--no-python", sys.executable, "-m", "loongforge.cli", "run", args.config, *args.overrides]
+    torchrun([*launch, *child])
+    return 0
+
+
+def cmd_run(args, launch: list[str]) -> int:
+    if launch and "RANK" not in os.environ:
+        return _launch(args, launch)
+    from loongforge.plugins import lookup
+    from loongforge.registry import load_object
+
+    plugins = _plugins()
+    _report_failures(plugins)
+    cfg = _compose(args)
+    task = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
+    load_object(task.run)(cfg, plugins)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from loongforge.generate import generate_from_checkpoint
+
+    text = generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_data_preprocess(args) -> int:
+    from loongforge.data.preprocess import preprocess
+
+    preprocess(inputs=args.input, output_prefix=args.output_prefix, tokenizer_dir=args.tokenizer,
+               text_field=args.text_field, workers=args.workers, on_error=args.on_error)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p):
+        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                       help="a YAML file, or a config name from the plugins' config directories")
+        p.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax)")
+
+    run = sub.add_parser("run", help="compose a config and run its task (train)")
+    config_args(run)
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("plugins", help="installed plugins, versions and hooks").set_defaults(func=cmd_plugins)
+    sub.add_parser("models", help="registered model families and their configs").set_defaults(func=cmd_models)
+    config = sub.add_parser("config", help="config tools").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the composed config as YAML")
+    config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    gen.add_argument("checkpoint", help="a checkpoint directory (or the run's checkpoints directory)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    pre = data.add_parser("preprocess", help="tokenize jsonl/parquet into megatron-core's indexed format")
+    pre.add_argument("--input", nargs="+", required=True)
+    pre.add_argument("--output-prefix", required=True)
+    pre.add_argument("--tokenizer", required=True, help="a local HF tokenizer directory")
+    pre.add_argument("--text-field", default="text")
+    pre.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pre.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    pre.set_defaults(func=cmd_data_preprocess)
+    return parser
+
+
+def _split_launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate torchrun's flags (``--nproc-per-node 2`` or ``--nproc-per-node=2``) from ours."""
+    ours, launch, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0].replace("_", "-")
+        if name in LAUNCH_FLAGS:
+            launch.append(arg)
+            if "=" not in arg:
+                launch.append(argv[i + 1])
+                i += 1
+        else:
+            ours.append(arg)
+        i += 1
+    return ours, launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loongforge.config import ConfigError
+    from loongforge.plugins import PluginError, RegistryError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, launch = _split_launch_flags(argv)
+    args = _parser().parse_args(ours)
+    try:
+        if args.command == "run":
+            return cmd_run(args, launch)
+        return args.func(args)
+    except (CliError, ConfigError, PluginError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

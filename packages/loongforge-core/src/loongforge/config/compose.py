@@ -1,0 +1,109 @@
+"""Compose a run config with Hydra from the plugins' config directories, then validate it."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from loongforge.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed or does not fit the schema; the message names the key."""
+
+
+def _search_paths(registry) -> list[str]:
+    return [d.path for d in registry.config_dirs]
+
+
+def _primary(config: str, search_paths: list[str]) -> tuple[str, str, list[str]]:
+    """(config_dir, config_name, search paths) for a file path or a config name in the plugins' dirs."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {config!r} does not exist")
+        return str(path.resolve().parent), path.stem, search_paths
+    return search_paths[0] if search_paths else ".", config, search_paths
+
+
+def _did_you_mean(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=3)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def _check_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Unknown keys with their full dotted name and the closest valid names."""
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            options = [str(k) for k in schema.keys()]
+            raise ConfigError(
+                f"unknown config key {full!r}.{_did_you_mean(str(key), options)} "
+                f"Valid keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(options)}"
+            )
+        sub, sub_schema = node[key], schema[key]
+        if isinstance(sub, DictConfig) and isinstance(sub_schema, DictConfig) and key != "model":
+            _check_keys(sub, sub_schema, full + ".")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Merge ``cfg`` into the schema: unknown keys and wrong types fail naming the key."""
+    schema = OmegaConf.structured(RunConfig)
+    _check_keys(cfg, schema)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except (ValidationError, ConfigKeyError) as exc:
+        raise ConfigError(f"config key {exc.full_key!r}: {exc.msg}") from exc
+    return merged
+
+
+def compose_config(config: str, overrides: list[str] = (), registry=None) -> DictConfig:
+    """Compose ``config`` (a YAML path or a config name) with ``key=value`` overrides, validated."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if registry is None:
+        from loongforge.plugins import get_plugin_manager
+
+        registry = get_plugin_manager().registry()
+    config_dir, name, search = _primary(config, _search_paths(registry))
+    hydra_overrides = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
+    try:
+        if config_dir.startswith("pkg://"):
+            from hydra import initialize_config_module
+
+            init = initialize_config_module(config_module=config_dir.removeprefix("pkg://"), version_base=None)
+        else:
+            init = initialize_config_dir(config_dir=config_dir, version_base=None)
+        with init:
+            cfg = compose(config_name=name, overrides=[*hydra_overrides, *overrides])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_explain(str(exc), name, search)) from exc
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    return validate(cfg)
+
+
+def _explain(message: str, name: str, search: list[str]) -> str:
+    hint = ""
+    if "Cannot find primary config" in message:
+        hint = f" Searched: {', '.join(search) or 'no plugin config directories'}."
+    elif "Could not override" in message or "Key '" in message:
+        hint = " Prefix a new key with '+' to add it, or check its spelling with `loongforge config show`."
+    return f"{message.strip()}{hint}"
+
+
+def list_configs(registry, group: str) -> list[str]:
+    """Config names in ``group`` (e.g. ``models/qwen3``) across the plugins' ``pkg://`` directories."""
+    from importlib.resources import files
+
+    names: set[str] = set()
+    for d in registry.config_dirs:
+        if not d.path.startswith("pkg://"):
+            continue
+        folder = files(d.path.removeprefix("pkg://")).joinpath(group)
+        if folder.is_dir():
+            names.update(f.name.rsplit(".", 1)[0] for f in folder.iterdir() if f.name.endswith((".yaml", ".yml")))
+    return sorted(names)

@@ -1,0 +1,127 @@
+"""The run config's schema. Unknown keys are rejected when the composed config is merged into it.
+
+Precedence, lowest first: these defaults < the config file (and its defaults list) < command-line
+overrides. The ``model`` section is free-form here and validated by the model family's provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenizerConfig:
+    #: a local HF tokenizer directory, or ``builtin:tiny_stories`` for the shipped one
+    path: str = "builtin:tiny_stories"
+    type: str = "hf"
+
+
+@dataclass
+class DataConfig:
+    format: str = "text"  # text (jsonl/parquet) | indexed | any registered dataset type
+    paths: list[str] = field(default_factory=lambda: ["builtin:tiny_stories"])
+    weights: list[float] | None = None
+    text_field: str = "text"
+    on_error: str = "raise"  # raise | skip
+    valid_paths: list[str] | None = None
+    valid_fraction: float = 0.0
+    #: block-diagonal causal attention inside packed sequences (no attention across documents)
+    document_attention: bool = True
+
+
+@dataclass
+class RecomputeConfig:
+    granularity: str | None = None  # None | full | selective
+    method: str | None = None  # uniform | block
+    num_layers: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_length: int = 256
+    micro_batch_size: int = 4
+    #: micro_batch_size x gradient-accumulation steps x data-parallel size
+    global_batch_size: int = 8
+    precision: str = "fp32"  # fp32 | bf16
+    grad_clip: float = 1.0
+    eval_interval: int = 0  # 0: no evaluation
+    eval_steps: int = 2
+    log_interval: int = 1
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam (AdamW: decoupled weight decay) | sgd
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    #: megatron-core's distributed optimizer (optimizer state sharded over data-parallel ranks)
+    distributed: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "cosine"  # constant | cosine | wsd
+    warmup_steps: int = 10
+    #: steps over which the LR decays after warm-up; None: until train.steps
+    decay_steps: int | None = None
+    #: for wsd: fraction of decay_steps spent in the final decay
+    wsd_decay_fraction: float = 0.2
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # default: <output_dir>/checkpoints
+    save_interval: int = 0  # 0: only at the end
+    save_final: bool = True
+    #: None: start fresh; "auto": resume from dir/latest if present; or a checkpoint path
+    load: str | None = "auto"
+    keep_last: int | None = 2
+    #: load only the model weights from ``load`` (continued pre-training: new data, new schedule)
+    weights_only: bool = False
+    save_hf: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = True
+    loss_curve: bool = True
+
+
+@dataclass
+class KernelsConfig:
+    disable: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    task: str = "pretrain"
+    backend: str | None = None  # None: the available backend with the highest priority
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)

@@ -1,0 +1,1 @@
+"""Model building blocks shared by backends and model families."""

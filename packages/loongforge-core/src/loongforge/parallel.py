@@ -1,0 +1,97 @@
+"""Parallel layout: validation up front, megatron-core process groups, data-parallel wrapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; the message says which numbers clash."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    vpp: int | None
+    dp: int
+    micro_batch_size: int
+    global_batch_size: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_heads: int | None = None,
+                    num_kv_heads: int | None = None) -> Layout:
+    """Check the config's parallel sizes against the world, the model and the batch sizes."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("tp", "pp", "cp"):
+        if p[key] < 1:
+            raise LayoutError(f"parallel.{key}={p[key]} must be >= 1")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise LayoutError(
+            f"world size {world_size} is not a multiple of parallel.tp x parallel.pp x parallel.cp "
+            f"= {p.tp} x {p.pp} x {p.cp} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if num_heads is not None and num_heads % p.tp:
+        raise LayoutError(f"model num_attention_heads={num_heads} is not divisible by parallel.tp={p.tp}")
+    if num_kv_heads is not None and num_kv_heads % p.tp:
+        raise LayoutError(f"model num_key_value_heads={num_kv_heads} is not divisible by parallel.tp={p.tp}")
+    if p.vpp is not None and p.vpp > 1 and p.pp < 2:
+        raise LayoutError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (got {p.pp})")
+    stages = p.pp * (p.vpp or 1)
+    if num_layers is not None and num_layers % stages:
+        raise LayoutError(
+            f"model num_hidden_layers={num_layers} is not divisible by parallel.pp x parallel.vpp "
+            f"= {p.pp} x {p.vpp or 1} = {stages}"
+        )
+    if p.sequence_parallel and p.tp < 2:
+        raise LayoutError("parallel.sequence_parallel=true needs parallel.tp >= 2")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise LayoutError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"x data-parallel size = {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}"
+        )
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp}")
+    if p.tp > 1 and p.sequence_parallel and t.seq_length % p.tp:
+        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
+    return Layout(world_size, p.tp, p.pp, p.cp, p.vpp, dp, t.micro_batch_size, t.global_batch_size)
+
+
+def init_model_parallel(cfg):
+    """megatron-core's parallel state for ``cfg.parallel``; returns its ProcessGroupCollection."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if (p.vpp or 1) > 1 else None,
+        context_parallel_size=p.cp,
+    )
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def wrap_data_parallel(modules, cfg):
+    """Wrap each model chunk in megatron-core's DDP (grads summed; the loss divides by tokens)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.distributed,
+        average_in_collective=False,
+    )
+    return [
+        DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m,
+                                disable_bucketing=i > 0)
+        for i, m in enumerate(modules)
+    ]

@@ -1,0 +1,139 @@
+"""Typed records that plugins hand to the core through the registry hooks.
+
+Callables are named by import path (``"package.module:attr"``) so that discovering a plugin
+imports no torch; :func:`load_object` resolves them when they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def load_object(path: str) -> Any:
+    """Import ``"package.module:attr.sub"`` and return the attribute."""
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise ValueError(f"{path!r} is not of the form 'package.module:attr'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family, e.g. ``qwen3``.
+
+    ``builder``: a ``loongforge.model_provider.ModelProvider`` class, called with the ``model``
+    config section. ``hf_model_types``: HF ``config.json`` ``model_type``
+    values this family loads. ``weight_mapping``: ``fn(model_cfg) -> WeightMapping`` between
+    HF and our parameter names. ``config_group``: the Hydra group holding its sizes.
+    """
+
+    name: str
+    builder: str
+    hf_model_types: tuple[str, ...] = ()
+    weight_mapping: str | None = None
+    hf_config_from_model: str | None = None
+    config_group: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelComponent:
+    """A reusable model part (vision encoder, projector, ...); ``kind`` names its registry."""
+
+    name: str
+    kind: str
+    builder: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetType:
+    """A dataset format: ``builder(data_cfg, tokenizer, *, seq_length, seed) -> Dataset``."""
+
+    name: str
+    builder: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TokenizerType:
+    """A tokenizer loader: ``loader(tokenizer_cfg) -> tokenizer``."""
+
+    name: str
+    loader: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointConverter:
+    """A checkpoint format converter, e.g. ``hf-to-mcore``: ``run(src, dst, **options)``."""
+
+    name: str
+    run: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A fused operator with its torch reference.
+
+    ``op`` is the operation it implements (``rmsnorm``, ``swiglu``, ...); ``impl`` and
+    ``reference`` share one signature; ``device_types`` are where ``impl`` runs.
+    """
+
+    name: str
+    op: str
+    impl: str
+    reference: str
+    device_types: tuple[str, ...] = ("cuda",)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A runnable task (``pretrain``, ``sft``, ...): ``run(cfg, plugins)`` with the validated config."""
+
+    name: str
+    run: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConfigDir:
+    """A Hydra config search path a plugin contributes, e.g. ``pkg://loongforge_llm.configs``."""
+
+    path: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A hardware backend. ``factory() -> loongforge.backend.Backend``; ``priority``: higher wins
+    among the available ones (the CPU reference backend has 0)."""
+
+    name: str
+    factory: str
+    priority: int = 0
+    description: str = ""
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, by kind and name."""
+
+    models: dict[str, ModelFamily] = field(default_factory=dict)
+    components: dict[str, ModelComponent] = field(default_factory=dict)
+    datasets: dict[str, DatasetType] = field(default_factory=dict)
+    tokenizers: dict[str, TokenizerType] = field(default_factory=dict)
+    converters: dict[str, CheckpointConverter] = field(default_factory=dict)
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
+    config_dirs: list[ConfigDir] = field(default_factory=list)
+    #: which plugin registered each (kind, name)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)

@@ -1,0 +1,40 @@
+"""Helpers for plugin authors' tests: megatron-core on the CPU backend in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_megatron(seed: int = 1234):
+    """A world of one gloo process with megatron-core's parallel state and the CPU backend active."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from loongforge.backends.cpu import CpuBackend
+
+    backend = CpuBackend()
+    owns_pg = not dist.is_initialized()
+    if owns_pg:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with backend.activate():
+            parallel_state.initialize_model_parallel(1, 1)
+            backend.manual_seed(seed)
+            try:
+                yield backend
+            finally:
+                parallel_state.destroy_model_parallel()
+    finally:
+        if owns_pg:
+            dist.destroy_process_group()

@@ -1,0 +1,203 @@
+"""The pre-training loop: build, (resume), step, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+
+from loongforge.parallel import validate_layout
+from loongforge.plugins import lookup
+from loongforge.registry import load_object
+from loongforge.trainer import checkpoint as ckpt
+from loongforge.trainer.batches import masked_token_loss, model_inputs
+from loongforge.trainer.metrics import RunLogger, flops_per_token, mfu
+from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
+from loongforge.trainer.optim import build_optimizer, build_scheduler
+from loongforge.trainer.runtime import Runtime, runtime
+
+
+def load_tokenizer(cfg, plugins):
+    record = lookup(plugins.registry().tokenizers, cfg.tokenizer.type, "tokenizer type (config key 'tokenizer.type')")
+    return load_object(record.loader)(cfg.tokenizer.path)
+
+
+def build_datasets(cfg, tokenizer, plugins):
+    record = lookup(plugins.registry().datasets, cfg.data.format, "dataset format (config key 'data.format')")
+    return load_object(record.builder)(cfg.data, tokenizer, seq_length=cfg.train.seq_length, seed=cfg.seed)
+
+
+class Trainer:
+    """One training process. Plugins see it in the lifecycle hooks (``trainer.cfg``, ``.step``...)."""
+
+    def __init__(self, cfg, rt: Runtime):
+        from loongforge.data.sampler import MicroBatchSampler
+        from loongforge.data.tokenizer import check_vocab
+
+        self.cfg, self.rt, self.hooks = cfg, rt, rt.plugins.hook
+        self.provider = model_provider(cfg, rt.plugins)
+        self.settings = run_settings(cfg)
+        m = cfg.model
+        self.layout = validate_layout(cfg, rt.world_size, m.get("num_hidden_layers"),
+                                      m.get("num_attention_heads"), m.get("num_key_value_heads"))
+        self.tokenizer = load_tokenizer(cfg, rt.plugins)
+        self.vocab_size = self.provider.padded_vocab_size(self.settings)
+        check_vocab(self.tokenizer, int(m.get("vocab_size", self.vocab_size)))
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer, rt.plugins)
+
+        rt.backend.manual_seed(cfg.seed)
+        chunks = build_model_chunks(self.provider, self.settings, rt.backend, rt.plugins)
+        self.model = self.hooks.loongforge_parallelize(name="model", modules=chunks, cfg=cfg, backend=rt.backend)
+        self.config = chunks[0].config
+        self.optimizer = build_optimizer(cfg, self.model, rt.backend)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+
+        self.step, self.consumed_samples = 0, 0
+        self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+        self._maybe_resume()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.sampler = functools.partial(MicroBatchSampler, micro_batch_size=cfg.train.micro_batch_size,
+                                         global_batch_size=cfg.train.global_batch_size,
+                                         dp_rank=dp_rank, dp_size=self.layout.dp, seed=cfg.seed)
+        self.train_batches = iter(self.sampler(self.train_ds, consumed_samples=self.consumed_samples))
+        self.flops_token = flops_per_token(self.config, self.vocab_size, cfg.train.seq_length)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _maybe_resume(self) -> None:
+        load = self.cfg.checkpoint.load
+        path = ckpt.latest_checkpoint(self.ckpt_dir) if load == "auto" else (Path(load) if load else None)
+        if path is None:
+            return
+        weights_only = self.cfg.checkpoint.weights_only
+        state = ckpt.load_checkpoint(path, self.model, None if weights_only else self.optimizer,
+                                     self.rt.backend, load_rng=not weights_only)
+        if not weights_only:
+            self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.hooks.loongforge_on_checkpoint_load(trainer=self, step=self.step, path=str(path))
+
+    def save(self) -> Path:
+        state = {"step": self.step, "consumed_samples": self.consumed_samples,
+                 "scheduler": self.scheduler.state_dict()}
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state,
+                                    self.rt.backend, self.cfg.checkpoint.keep_last)
+        if self.rt.is_main:
+            OmegaConf.save(self.cfg, self.ckpt_dir / "config.yaml")
+            self.tokenizer.save_pretrained(str(self.ckpt_dir / "tokenizer"))
+        self.hooks.loongforge_on_checkpoint_save(trainer=self, step=self.step, path=str(path))
+        return path
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        inputs = model_inputs(batch, self.rt.backend.device(), self.cfg.data.document_attention)
+        output = model(**inputs)
+        return output, functools.partial(masked_token_loss, batch["loss_mask"])
+
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> tuple[float, float]:
+        """Forward (and backward) over ``microbatches``; returns (summed loss, tokens) over the world."""
+        iters = [iter(microbatches) for _ in self.model]
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=self.cfg.train.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64)
+        for item in losses or ():
+            totals += torch.stack([item["loss_sum"].double().cpu(), item["tokens"].double().cpu()])
+        # every model-parallel copy of a data-parallel replica adds the same numbers to both sums
+        dist.all_reduce(totals)
+        return totals[0].item(), totals[1].item()
+
+    def _next_global_batch(self) -> list[dict]:
+        batches = [next(self.train_batches) for _ in range(self.layout.num_microbatches)]
+        self.consumed_samples += self.cfg.train.global_batch_size
+        return batches
+
+    def train_step(self) -> dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum, tokens = self._run_schedule(self._next_global_batch(), forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        self.scheduler.step(increment=1)
+        return {"loss": loss_sum / max(tokens, 1), "grad_norm": float(grad_norm or 0.0), "skipped": float(not ok)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.valid_ds is None:
+            return {}
+        batches = iter(self.sampler(self.valid_ds, consumed_samples=0))
+        loss_sum = tokens = 0.0
+        for _ in range(self.cfg.train.eval_steps):
+            mbs = [next(batches) for _ in range(self.layout.num_microbatches)]
+            s, t = self._run_schedule(mbs, forward_only=True)
+            loss_sum, tokens = loss_sum + s, tokens + t
+        for chunk in self.model:
+            chunk.train()
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, rt = self.cfg, self.rt
+        total = cfg.train.steps
+        logger = RunLogger(cfg, total, self.step, enabled=rt.is_main)
+        self.hooks.loongforge_on_train_start(trainer=self)
+        first_loss = last_loss = None
+        peak = rt.backend.peak_flops(cfg.train.precision)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        try:
+            while self.step < total:
+                rt.backend.synchronize()
+                start = time.perf_counter()
+                metrics = self.train_step()
+                rt.backend.synchronize()
+                elapsed = time.perf_counter() - start
+                tps = tokens_per_step / elapsed
+                metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tps,
+                            "mfu": mfu(tps / rt.world_size, self.flops_token, peak),
+                            **rt.backend.memory_stats()}
+                first_loss = metrics["loss"] if first_loss is None else first_loss
+                last_loss = metrics["loss"]
+                if self.step % cfg.train.log_interval == 0 or self.step == total:
+                    logger.log(self.step, metrics)
+                self.hooks.loongforge_on_step_end(trainer=self, step=self.step, metrics=metrics)
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    eval_metrics = self.evaluate()
+                    logger.log_eval(self.step, eval_metrics)
+                    self.hooks.loongforge_on_evaluate(trainer=self, step=self.step, metrics=eval_metrics)
+                if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+                    self.save()
+            if cfg.checkpoint.save_final and (ckpt.latest_checkpoint(self.ckpt_dir) or Path()).name != f"step_{self.step:08d}":
+                self.save()
+        finally:
+            logger.close()
+        curve = logger.save_loss_curve(self.ckpt_dir / "loss_curve.png") if cfg.logging.loss_curve else None
+        if first_loss is not None:
+            logger.print(f"loss: {first_loss:.4f} (first step) -> {last_loss:.4f} (step {self.step})")
+        if curve:
+            logger.print(f"loss curve: {curve}")
+        logger.print(f"checkpoint: {self.ckpt_dir}")
+        self.hooks.loongforge_on_train_end(trainer=self)
+        return {"first_loss": first_loss, "last_loss": last_loss, "history": logger.history}
+
+
+def run_pretrain(cfg, plugins) -> dict:
+    """The ``pretrain`` task."""
+    with runtime(cfg, plugins) as rt:
+        return Trainer(cfg, rt).fit()

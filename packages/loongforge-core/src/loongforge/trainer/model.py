@@ -1,0 +1,66 @@
+"""Build the model chunks of this pipeline rank (one per virtual stage)."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+
+from loongforge.model_provider import RunSettings
+from loongforge.plugins import lookup
+from loongforge.registry import load_object
+
+
+def run_settings(cfg) -> RunSettings:
+    p, t = cfg.parallel, cfg.train
+    return RunSettings(
+        tp=p.tp, pp=p.pp, vpp=p.vpp if (p.vpp or 1) > 1 else None, cp=p.cp,
+        sequence_parallel=p.sequence_parallel, bf16=t.precision == "bf16", seq_length=t.seq_length,
+        recompute_granularity=t.recompute.granularity, recompute_method=t.recompute.method,
+        recompute_num_layers=t.recompute.num_layers,
+    )
+
+
+def model_provider(cfg, plugins):
+    """The provider of the family named by ``model.family``."""
+    family = cfg.model.get("family")
+    if not family:
+        raise ValueError("config key 'model.family' is missing: pick a model config, e.g. "
+                         "'defaults: [{/models/qwen3@model: qwen3_0.6b}]'")
+    registry = plugins.registry()
+    record = lookup(registry.models, family, "model family (config key 'model.family')", plugins.failures)
+    return load_object(record.builder)(cfg.model)
+
+
+def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> list:
+    """One module per virtual pipeline stage of this rank, on the backend's device."""
+    config = provider.transformer_config(settings)
+    # losses are summed per token and divided by the global token count in finalize_model_grads,
+    # so gradient accumulation and data parallelism give the same mean as one big batch
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    chunks = []
+    for vp_stage in range(settings.vpp or 1):
+        vp = vp_stage if settings.vpp else None
+        chunk = provider.build(
+            config, settings, backend=backend,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        )
+        chunk = chunk.to(backend.device())
+        if settings.bf16:
+            chunk = Float16Module(config, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def count_parameters(chunks) -> int:
+    """Parameters of this rank's chunks (shared embeddings counted once)."""
+    seen, total = set(), 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

@@ -1,0 +1,38 @@
+"""megatron-core's optimizer (plain or distributed) and its LR/WD scheduler from the config."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+_DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "wsd": "WSD", "linear": "linear"}
+
+
+def build_optimizer(cfg, ddp_chunks, backend):
+    o = cfg.optimizer
+    if o.distributed and not backend.supports_distributed_optimizer:
+        raise ValueError(f"config key 'optimizer.distributed': backend {backend.name!r} has no distributed optimizer")
+    bf16 = cfg.train.precision == "bf16"
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=cfg.train.grad_clip,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=o.distributed,
+    ), ddp_chunks)
+
+
+def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
+    s, o, steps = cfg.scheduler, cfg.optimizer, cfg.train.steps
+    if s.type not in _DECAY_STYLES:
+        raise ValueError(f"config key 'scheduler.type': {s.type!r} is not one of {', '.join(_DECAY_STYLES)}")
+    decay_steps = s.decay_steps or steps
+    if s.warmup_steps >= decay_steps and s.type != "constant":
+        raise ValueError(f"config key 'scheduler.warmup_steps'={s.warmup_steps} must be < decay steps {decay_steps}")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if s.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=_DECAY_STYLES[s.type],
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+        wsd_decay_steps=int(decay_steps * s.wsd_decay_fraction) if s.type == "wsd" else None,
+        lr_wsd_decay_style="cosine" if s.type == "wsd" else None,
+    )

@@ -1,0 +1,64 @@
+"""Process start-up: torch.distributed, the backend, megatron-core's parallel state."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from loongforge.backend import Backend
+from loongforge.registry import load_object
+
+
+@dataclass
+class Runtime:
+    """What one training process knows about where it runs."""
+
+    backend: Backend
+    rank: int
+    world_size: int
+    local_rank: int
+    pg_collection: Any = None
+    plugins: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def available_backends(registry) -> list[Backend]:
+    backends = [load_object(rec.factory)() for rec in registry.backends.values()]
+    return [b for b in backends if b.is_available()]
+
+
+def select_backend(plugins, requested: str | None) -> Backend:
+    return plugins.hook.loongforge_select_backend(
+        available=available_backends(plugins.registry()), requested=requested
+    )
+
+
+@contextlib.contextmanager
+def runtime(cfg, plugins):
+    """Initialise distributed state for ``cfg`` (torchrun's env, or a world of one) and tear it down."""
+    from megatron.core import parallel_state
+
+    from loongforge.testing import free_port
+
+    backend = select_backend(plugins, cfg.backend)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    with backend.activate(local_rank):
+        dist.init_process_group(backend.collective_backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=10))
+        try:
+            pg = plugins.hook.loongforge_init_parallel(cfg=cfg, backend=backend)
+            yield Runtime(backend, rank, world, local_rank, pg, plugins)
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
