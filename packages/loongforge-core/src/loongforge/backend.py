@@ -14,6 +14,8 @@ class Backend:
     """Base class; ``loongforge.backends.cpu.CpuBackend`` is the reference implementation."""
 
     name: str = "base"
+    #: set from the registry record; the default selection picks the highest available
+    priority: int = 0
     #: ``torch.distributed`` backend for collectives (``"gloo"``, ``"nccl"``, ...)
     collective_backend: str = "gloo"
     #: whether megatron-core's distributed optimizer works here

@@ -44,7 +44,9 @@ def loongforge_select_backend(available, requested):
             if backend.name == requested:
                 return backend
         names = ", ".join(b.name for b in available)
-        raise ValueError(f"config key 'backend': {requested!r} is not available here (available: {names})")
+        from loongforge.config import ConfigError
+
+        raise ConfigError(f"config key 'backend': {requested!r} is not available here (available: {names})")
     return max(available, key=lambda b: b.priority)
 
 

@@ -178,8 +178,7 @@ def _split_launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loongforge.config import ConfigError
-    from loongforge.plugins import PluginError, RegistryError
+    from loongforge.errors import LoongForgeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, launch = _split_launch_flags(argv)
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, launch)
         return args.func(args)
-    except (CliError, ConfigError, PluginError, RegistryError) as exc:
+    except (CliError, LoongForgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loongforge.errors import LoongForgeError
 
-class LayoutError(ValueError):
+
+class LayoutError(LoongForgeError, ValueError):
     """An impossible parallel layout; the message says which numbers clash."""
 
 

@@ -18,16 +18,17 @@ import pluggy
 
 from loongforge import API_VERSION, hookspecs
 from loongforge import registry as reg
+from loongforge.errors import LoongForgeError
 
 ENTRY_POINT_GROUP = "loongforge.plugins"
 ENV_LOAD_PLUGINS = "LOONGFORGE_LOAD_PLUGINS"
 
 
-class PluginError(RuntimeError):
+class PluginError(LoongForgeError, RuntimeError):
     """A plugin could not be used; the message names it."""
 
 
-class RegistryError(LookupError):
+class RegistryError(LoongForgeError, LookupError):
     """A name was not registered, or registered twice; the message says which."""
 
 

@@ -38,3 +38,15 @@ def single_process_megatron(seed: int = 1234):
     finally:
         if owns_pg:
             dist.destroy_process_group()
+
+
+def run_cli(*args: str, extra_path=None, cwd=None, env: dict | None = None, timeout: int = 900):
+    """Run the ``loongforge`` CLI in a subprocess (``extra_path`` is prepended to PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    if extra_path is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), full_env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "loongforge.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)

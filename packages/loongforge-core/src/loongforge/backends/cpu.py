@@ -7,7 +7,8 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
 1. ``_CpuDeviceMode`` (a ``TorchFunctionMode``) rewrites any CUDA ``device=`` argument of a torch
    call to CPU, turns ``Tensor.cuda()`` into a no-op and reports CPU tensors' ``type()`` with the
    ``torch.cuda.`` prefix that megatron-core's optimizers dispatch on;
-2. ``torch.cuda.current_device``/``synchronize``/``manual_seed`` are replaced by CPU equivalents;
+2. ``torch.cuda.current_device``/``synchronize``/``manual_seed``/``current_stream``/``stream``
+   are replaced by CPU equivalents;
 3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name).
 
 All three are undone when the context exits. ``tests/test_cpu_backend.py`` fails when a
@@ -49,6 +50,19 @@ class _CpuDeviceMode(TorchFunctionMode):
         if func in (torch.Tensor.to,) and args[1:] and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+class _HostStream:
+    """Stands in for ``torch.cuda.Stream``: on the CPU all work is already ordered."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 class CpuRNGStatesTracker:
@@ -115,6 +129,8 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
             stack.enter_context(mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None))
             stack.enter_context(mock.patch.object(torch.cuda, "manual_seed", lambda seed: None))
+            stack.enter_context(mock.patch.object(torch.cuda, "current_stream", lambda *a, **k: _HostStream()))
+            stack.enter_context(mock.patch.object(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
             stack.enter_context(_CpuDeviceMode())

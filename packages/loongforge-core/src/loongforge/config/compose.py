@@ -9,9 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from loongforge.config.schema import RunConfig
+from loongforge.errors import LoongForgeError
 
 
-class ConfigError(ValueError):
+class ConfigError(LoongForgeError, ValueError):
     """A config that cannot be composed or does not fit the schema; the message names the key."""
 
 
@@ -60,6 +61,18 @@ def validate(cfg: DictConfig) -> DictConfig:
     return merged
 
 
+def _as_upserts(overrides) -> list[str]:
+    """``key=value`` -> ``++key=value``: a key the schema has but the file does not may be set, and
+    an unknown key reaches the schema check (which names it) instead of Hydra's generic error.
+    Group selections (``models/qwen3@model=qwen3_1.7b``) and ``+``/``~`` overrides pass as they are."""
+    out = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        plain = "=" in override and not key.startswith(("+", "~")) and "/" not in key and "@" not in key
+        out.append(f"++{override}" if plain else override)
+    return out
+
+
 def compose_config(config: str, overrides: list[str] = (), registry=None) -> DictConfig:
     """Compose ``config`` (a YAML path or a config name) with ``key=value`` overrides, validated."""
     from hydra import compose, initialize_config_dir
@@ -79,7 +92,7 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
         else:
             init = initialize_config_dir(config_dir=config_dir, version_base=None)
         with init:
-            cfg = compose(config_name=name, overrides=[*hydra_overrides, *overrides])
+            cfg = compose(config_name=name, overrides=[*hydra_overrides, *_as_upserts(overrides)])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(str(exc), name, search)) from exc
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))

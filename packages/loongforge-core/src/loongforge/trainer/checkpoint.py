@@ -24,10 +24,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
 
+from loongforge.errors import LoongForgeError
+
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LoongForgeError, RuntimeError):
     """A checkpoint that cannot be used; the message names the path."""
 
 

@@ -37,7 +37,6 @@ class Trainer:
     """One training process. Plugins see it in the lifecycle hooks (``trainer.cfg``, ``.step``...)."""
 
     def __init__(self, cfg, rt: Runtime):
-        from loongforge.data.sampler import MicroBatchSampler
         from loongforge.data.tokenizer import check_vocab
 
         self.cfg, self.rt, self.hooks = cfg, rt, rt.plugins.hook
@@ -61,12 +60,23 @@ class Trainer:
         self.step, self.consumed_samples = 0, 0
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
         self._maybe_resume()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        self.sampler = functools.partial(MicroBatchSampler, micro_batch_size=cfg.train.micro_batch_size,
-                                         global_batch_size=cfg.train.global_batch_size,
-                                         dp_rank=dp_rank, dp_size=self.layout.dp, seed=cfg.seed)
-        self.train_batches = iter(self.sampler(self.train_ds, consumed_samples=self.consumed_samples))
+        self.train_batches = self._batches(self.train_ds, self.consumed_samples)
         self.flops_token = flops_per_token(self.config, self.vocab_size, cfg.train.seq_length)
+
+    def _batches(self, dataset, consumed_samples: int):
+        """This rank's micro-batches from ``consumed_samples`` on (resumable to the sample)."""
+        from torch.utils.data import DataLoader
+
+        from loongforge.data.packing import collate
+        from loongforge.data.sampler import PretrainingSampler
+
+        sampler = PretrainingSampler(
+            len(dataset), micro_batch_size=self.cfg.train.micro_batch_size,
+            global_batch_size=self.cfg.train.global_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
+            consumed_samples=consumed_samples, seed=self.cfg.seed,
+        )
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -140,7 +150,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.valid_ds is None:
             return {}
-        batches = iter(self.sampler(self.valid_ds, consumed_samples=0))
+        batches = self._batches(self.valid_ds, 0)
         loss_sum = tokens = 0.0
         for _ in range(self.cfg.train.eval_steps):
             mbs = [next(batches) for _ in range(self.layout.num_microbatches)]

@@ -9,6 +9,7 @@ scores, forward and backward).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -39,12 +40,14 @@ class RunLogger:
     def __init__(self, cfg, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.history: list[tuple[int, float]] = []
-        self.tb = None
+        self.tb = self.jsonl = None
         self.progress = None
         if not enabled:
             return
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # one JSON object per step, full precision: for scripts, tests and resumed-run comparisons
+        self.jsonl = open(out / "metrics.jsonl", "a")
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,8 +63,10 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        metrics = {k: v for k, v in metrics.items() if v is not None}
         if "loss" in metrics:
             self.history.append((step, metrics["loss"]))
+        self._write({"step": step, "split": "train", **metrics})
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
@@ -74,10 +79,17 @@ class RunLogger:
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        self._write({"step": step, "split": "valid", **metrics})
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"valid/{key}", value, step)
+            self.tb.flush()
         self.print(f"eval at step {step}: " + _format(metrics))
+
+    def _write(self, record: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -92,6 +104,8 @@ class RunLogger:
             self.progress.stop()
         if self.tb is not None:
             self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
     def save_loss_curve(self, path: Path) -> Path | None:
         if not self.enabled or not self.history:

@@ -6,6 +6,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
+from loongforge.config import ConfigError
 from loongforge.model_provider import RunSettings
 from loongforge.plugins import lookup
 from loongforge.registry import load_object
@@ -25,7 +26,7 @@ def model_provider(cfg, plugins):
     """The provider of the family named by ``model.family``."""
     family = cfg.model.get("family")
     if not family:
-        raise ValueError("config key 'model.family' is missing: pick a model config, e.g. "
+        raise ConfigError("config key 'model.family' is missing: pick a model config, e.g. "
                          "'defaults: [{/models/qwen3@model: qwen3_0.6b}]'")
     registry = plugins.registry()
     record = lookup(registry.models, family, "model family (config key 'model.family')", plugins.failures)

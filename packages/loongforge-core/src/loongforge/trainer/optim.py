@@ -6,13 +6,15 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from loongforge.config import ConfigError
+
 _DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "wsd": "WSD", "linear": "linear"}
 
 
 def build_optimizer(cfg, ddp_chunks, backend):
     o = cfg.optimizer
     if o.distributed and not backend.supports_distributed_optimizer:
-        raise ValueError(f"config key 'optimizer.distributed': backend {backend.name!r} has no distributed optimizer")
+        raise ConfigError(f"config key 'optimizer.distributed': backend {backend.name!r} has no distributed optimizer")
     bf16 = cfg.train.precision == "bf16"
     return get_megatron_optimizer(OptimizerConfig(
         optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -25,10 +27,10 @@ def build_optimizer(cfg, ddp_chunks, backend):
 def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
     s, o, steps = cfg.scheduler, cfg.optimizer, cfg.train.steps
     if s.type not in _DECAY_STYLES:
-        raise ValueError(f"config key 'scheduler.type': {s.type!r} is not one of {', '.join(_DECAY_STYLES)}")
+        raise ConfigError(f"config key 'scheduler.type': {s.type!r} is not one of {', '.join(_DECAY_STYLES)}")
     decay_steps = s.decay_steps or steps
     if s.warmup_steps >= decay_steps and s.type != "constant":
-        raise ValueError(f"config key 'scheduler.warmup_steps'={s.warmup_steps} must be < decay steps {decay_steps}")
+        raise ConfigError(f"config key 'scheduler.warmup_steps'={s.warmup_steps} must be < decay steps {decay_steps}")
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if s.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=_DECAY_STYLES[s.type],

@@ -31,8 +31,13 @@ class Runtime:
 
 
 def available_backends(registry) -> list[Backend]:
-    backends = [load_object(rec.factory)() for rec in registry.backends.values()]
-    return [b for b in backends if b.is_available()]
+    available = []
+    for record in registry.backends.values():
+        backend = load_object(record.factory)()
+        if backend.is_available():
+            backend.priority = record.priority
+            available.append(backend)
+    return available
 
 
 def select_backend(plugins, requested: str | None) -> Backend:
