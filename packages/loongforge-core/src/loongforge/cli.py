@@ -58,10 +58,9 @@ def cmd_models(args) -> int:
     registry = plugins.registry()
     table = Table("family", "plugin", "HF model_type", "configs")
     for name, rec in registry.models.items():
-        group = rec.config_group or f"models/{name}"
-        configs = list_configs(registry, group)
-        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types),
-                      f"/{group}: " + ", ".join(configs) if configs else "-")
+        groups = rec.config_groups or (f"models/{name}",)
+        listing = "\n".join(f"/{g}: " + ", ".join(list_configs(registry, g)) for g in groups)
+        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types), listing or "-")
     Console(width=200).print(table)
     _report_failures(plugins)
     return 0
@@ -183,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, launch = _split_launch_flags(argv)
     args = _parser().parse_args(ours)
+    if getattr(args, "config", None) and "=" in args.config:  # `loongforge run key=value`: default config
+        args.overrides.insert(0, args.config)
+        args.config = DEFAULT_CONFIG
     try:
         if args.command == "run":
             return cmd_run(args, launch)

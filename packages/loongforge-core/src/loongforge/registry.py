@@ -29,7 +29,7 @@ class ModelFamily:
     ``builder``: a ``loongforge.model_provider.ModelProvider`` class, called with the ``model``
     config section. ``hf_model_types``: HF ``config.json`` ``model_type``
     values this family loads. ``weight_mapping``: ``fn(model_cfg) -> WeightMapping`` between
-    HF and our parameter names. ``config_group``: the Hydra group holding its sizes.
+    HF and our parameter names. ``config_groups``: the Hydra groups holding its sizes.
     """
 
     name: str
@@ -37,7 +37,7 @@ class ModelFamily:
     hf_model_types: tuple[str, ...] = ()
     weight_mapping: str | None = None
     hf_config_from_model: str | None = None
-    config_group: str | None = None
+    config_groups: tuple[str, ...] = ()
     description: str = ""
 
 

@@ -9,7 +9,8 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
    ``torch.cuda.`` prefix that megatron-core's optimizers dispatch on;
 2. ``torch.cuda.current_device``/``synchronize``/``manual_seed``/``current_stream``/``stream``
    are replaced by CPU equivalents;
-3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name).
+3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name), and
+   its get/set of the "CUDA" RNG state (used around activation recompute) use the CPU generator.
 
 All three are undone when the context exits. ``tests/test_cpu_backend.py`` fails when a
 megatron-core upgrade needs another adaptation.
@@ -131,6 +132,9 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(torch.cuda, "manual_seed", lambda seed: None))
             stack.enter_context(mock.patch.object(torch.cuda, "current_stream", lambda *a, **k: _HostStream()))
             stack.enter_context(mock.patch.object(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()))
+            # activation recompute saves and restores the "CUDA" RNG state around each checkpoint
+            stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
+            stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
             stack.enter_context(_CpuDeviceMode())

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 from safetensors.torch import load_file, save_file
 
 from loongforge.errors import LoongForgeError
@@ -38,10 +39,14 @@ def _step_dir(root: Path, step: int) -> Path:
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool = False) -> dict:
-    state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state = {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
     model_sd = {k: v for c in state.values() for k, v in c.items()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # "fully_reshardable": the distributed optimizer's state is stored per parameter, so a
+        # checkpoint loads under another TP/PP/DP layout
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
     return state
 
 
@@ -130,7 +135,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer, backend, load_rng: bool
         raise CheckpointError(f"{path} is not a LoongForge checkpoint (no trainer_state.json)")
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(path))
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"])
+        unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"

@@ -22,6 +22,7 @@ class TinyGPTProvider:
             persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
             gradient_accumulation_fusion=False, activation_func=torch.nn.functional.gelu,
             tensor_model_parallel_size=run.tp, pipeline_model_parallel_size=run.pp,
+            pipeline_dtype=torch.float32,
         )
 
     def build(self, config, run, *, backend, pre_process, post_process, vp_stage=None):

@@ -9,7 +9,7 @@ LOONGFORGE_API_VERSION = "1.0"
 @hookimpl
 def loongforge_register_models():
     return [ModelFamily(name="tiny_gpt", builder="loongforge_example.model:TinyGPTProvider",
-                        config_group="models/tiny_gpt", description="example third-party family")]
+                        config_groups=("models/tiny_gpt",), description="example third-party family")]
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""Hydra configs of loongforge-models-llm (searched as ``pkg://loongforge_llm.configs``)."""

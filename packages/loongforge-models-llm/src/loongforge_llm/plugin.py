@@ -1,0 +1,35 @@
+"""The LoongForge plugin of ``loongforge-models-llm`` (entry point ``llm``).
+
+Registers the dense decoder families and the ``models/<group>`` Hydra configs. Importing this
+module imports no torch or megatron-core.
+"""
+
+from __future__ import annotations
+
+from loongforge import hookimpl
+from loongforge.registry import ConfigDir, ModelFamily
+
+from loongforge_llm.families import FAMILIES
+
+LOONGFORGE_API_VERSION = "1.0"
+
+
+@hookimpl
+def loongforge_register_models():
+    return [
+        ModelFamily(
+            name=f.name,
+            builder="loongforge_llm.provider:LLMProvider",
+            hf_model_types=f.hf_model_types,
+            weight_mapping="loongforge_llm.provider:weight_mapping_for",
+            hf_config_from_model="loongforge_llm.provider:hf_config_for",
+            config_groups=tuple(f"models/{g}" for g in f.config_groups),
+            description=f.description,
+        )
+        for f in FAMILIES.values()
+    ]
+
+
+@hookimpl
+def loongforge_config_dirs():
+    return [ConfigDir(path="pkg://loongforge_llm.configs", provider="llm")]
