@@ -5,6 +5,7 @@
     loongforge config show [CONFIG] [key=value ...]                     the composed config
     loongforge data preprocess ...                                      jsonl/parquet -> indexed
     loongforge generate CHECKPOINT --prompt TEXT                        sample from a checkpoint
+    loongforge convert NAME ARGS...                                     a registered checkpoint converter
 """
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ def cmd_data_preprocess(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from loongforge.plugins import lookup
+    from loongforge.registry import load_object
+
+    plugins = _plugins()
+    converters = plugins.registry().converters
+    if args.name is None:
+        for name, rec in converters.items():
+            print(f"{name:16} {rec.description}")
+        if not converters:
+            print("no converters installed (pip install 'loongforge[ckpt]')")
+        return 0
+    converter = lookup(converters, args.name, "converter (install loongforge-ckpt for hf-to-mcore/mcore-to-hf)",
+                       plugins.failures)
+    return int(load_object(converter.run)(args.args) or 0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    convert = sub.add_parser("convert", help="convert checkpoints (converters come from plugins)")
+    convert.add_argument("name", nargs="?", help="converter name, e.g. hf-to-mcore; omit to list them")
+    convert.add_argument("args", nargs=argparse.REMAINDER, help="the converter's own arguments")
+    convert.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     pre = data.add_parser("preprocess", help="tokenize jsonl/parquet into megatron-core's indexed format")

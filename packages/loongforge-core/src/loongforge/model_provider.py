@@ -58,6 +58,10 @@ class ModelProvider(Protocol):
         per-token loss [b, s] on the last stage and hidden states elsewhere, as GPTModel does.
         """
 
+    def load_hf_weights(self, chunk: Any, get_hf_tensor: Any) -> None:
+        """Load this chunk's part (its pipeline stage, its TP slice) of an HF checkpoint;
+        ``get_hf_tensor(name)`` returns one HF tensor."""
+
     def weight_mapping(self) -> Any:
         """The HF <-> ours parameter mapping (``loongforge.weight_mapping.WeightMapping``)."""
 

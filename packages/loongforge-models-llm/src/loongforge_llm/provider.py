@@ -195,16 +195,16 @@ class LLMProvider:
         post_process: bool = True,
         vp_stage: int | None = None,
     ):
-        """One ``GPTModel`` chunk. RoPE scaling is installed as exact HF frequencies (see
-        ``loongforge_llm.common.rope`` for why megatron-core's own is not used)."""
-        from megatron.core.models.gpt import GPTModel
-
+        """One ``GPTModel`` chunk (RoPE from ``position_ids``: ``common.model``). RoPE scaling is
+        installed as exact HF frequencies (see ``loongforge_llm.common.rope`` for why megatron-core's
+        own is not used)."""
+        from loongforge_llm.common.model import PositionIdsGPTModel
         from loongforge_llm.common.rope import install_inv_freq, inv_freq
 
         self._run = run
         a = self.args
         _quiet_gptmodel_deprecation()
-        model = GPTModel(
+        model = PositionIdsGPTModel(
             config=config,
             transformer_layer_spec=self.layer_spec(config, backend),
             vocab_size=self.padded_vocab_size(run),

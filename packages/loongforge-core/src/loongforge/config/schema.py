@@ -26,6 +26,10 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip
     valid_paths: list[str] | None = None
     valid_fraction: float = 0.0
+    #: seeded document shuffle before packing
+    shuffle: bool = True
+    #: size of the training blend; None: the datasets' total
+    num_samples: int | None = None
     #: block-diagonal causal attention inside packed sequences (no attention across documents)
     document_attention: bool = True
 

@@ -18,7 +18,7 @@ from loongforge.registry import load_object
 from loongforge.trainer import checkpoint as ckpt
 from loongforge.trainer.batches import masked_token_loss, model_inputs
 from loongforge.trainer.metrics import RunLogger, flops_per_token, mfu
-from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
+from loongforge.trainer.model import build_model_chunks, load_pretrained, model_provider, run_settings
 from loongforge.trainer.optim import build_optimizer, build_scheduler
 from loongforge.trainer.runtime import Runtime, runtime
 
@@ -52,6 +52,8 @@ class Trainer:
 
         rt.backend.manual_seed(cfg.seed)
         chunks = build_model_chunks(self.provider, self.settings, rt.backend, rt.plugins)
+        if cfg.model.get("pretrained"):
+            load_pretrained(self.provider, chunks, cfg.model.pretrained)
         self.model = self.hooks.loongforge_parallelize(name="model", modules=chunks, cfg=cfg, backend=rt.backend)
         self.config = chunks[0].config
         self.optimizer = build_optimizer(cfg, self.model, rt.backend)

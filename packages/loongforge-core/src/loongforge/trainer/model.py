@@ -22,8 +22,35 @@ def run_settings(cfg) -> RunSettings:
     )
 
 
+def _with_pretrained_config(cfg, plugins):
+    """``model.pretrained=HF_DIR``: its ``config.json`` fills the model section (the section's own
+    keys win) and its ``model_type`` picks the family when ``model.family`` is not given."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf, open_dict
+
+    path = Path(cfg.model.pretrained)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"config key 'model.pretrained': {path} has no config.json (an HF model directory is expected)")
+    hf = json.loads(config_file.read_text())
+    section = OmegaConf.to_container(cfg.model)
+    if "family" not in section:
+        model_type = hf.get("model_type")
+        matches = [n for n, rec in plugins.registry().models.items() if model_type in rec.hf_model_types]
+        if not matches:
+            raise ConfigError(f"{config_file}: no installed model family loads model_type {model_type!r}")
+        section["family"] = matches[0]
+    with open_dict(cfg):
+        cfg.model = {**{k: v for k, v in hf.items() if not k.startswith("_")}, **section}
+    return cfg
+
+
 def model_provider(cfg, plugins):
     """The provider of the family named by ``model.family``."""
+    if cfg.model.get("pretrained"):
+        cfg = _with_pretrained_config(cfg, plugins)
     family = cfg.model.get("family")
     if not family:
         raise ConfigError("config key 'model.family' is missing: pick a model config, e.g. "
@@ -54,6 +81,16 @@ def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> lis
             chunk = Float16Module(config, chunk)
         chunks.append(chunk)
     return chunks
+
+
+def load_pretrained(provider, chunks, path: str) -> None:
+    """Each rank reads the tensors of its own pipeline stage from the HF safetensors and keeps
+    its tensor-parallel slice."""
+    from loongforge.weight_mapping import safetensors_getter
+
+    get = safetensors_getter(path)
+    for chunk in chunks:
+        provider.load_hf_weights(chunk, get)
 
 
 def count_parameters(chunks) -> int:

@@ -1,0 +1,202 @@
+"""LM-head matmul + cross-entropy over chunks of tokens, never materialising ``[N, V]`` logits.
+
+For each chunk of ``chunk_size`` tokens: fp32 logits ``h_c @ W.T`` (bf16 operands, fp32
+accumulation), log-sum-exp and ``softmax - onehot`` in Triton, then the gradient matmuls. Peak
+extra memory is ``O(chunk_size * V)`` plus an fp32 ``[V, H]`` accumulator for the weight gradient.
+
+- ``mean``/``sum``: the gradients are computed during the forward (the loss is a scalar, so the
+  upstream gradient only rescales them) and stored until backward.
+- ``none``: the upstream gradient is per token, so backward recomputes each chunk's logits.
+
+The loss is fp32 (the reference computes in fp32); gradients come back in the inputs' dtypes.
+Like ``F.cross_entropy``, ``mean`` divides by the number of non-ignored tokens (NaN if none).
+Labels must lie in ``[0, V)`` or equal ``ignore_index`` (not checked on the fused path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _matmul
+from ._dispatch import next_pow2, use_triton
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, labels)`` in fp32 (``chunk_size`` is ignored)."""
+    del chunk_size
+    logits = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32) @ weight.to(torch.float32).t()
+    loss = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def default_chunk_size(n: int, h: int, v: int) -> int:
+    """Tokens per chunk: one chunk's logits about the size of the hidden states, 256..4096 rows."""
+    rows = next_pow2(-(-n * h // v))
+    return max(1, min(n, max(256, min(4096, rows))))
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _chunk_logits(h_c, weight):
+    from ._triton import cross_entropy as kernels
+
+    logits = _matmul.mm_f32(h_c, weight.t())  # [c, V] fp32
+    return logits, kernels.logsumexp(logits)
+
+
+def _chunk_grads(h_c, weight, logits, lse, labels_c, scale, ignore_index, grad_buf, gh_out, gw_acc):
+    """Gradient of one chunk: ``dlogits`` in the operand dtype, then ``dh = dlogits @ W`` and
+    ``dW += dlogits.T @ h`` (both fp32-accumulated)."""
+    from ._triton import cross_entropy as kernels
+
+    c = logits.shape[0]
+    dlogits = logits if grad_buf is None else grad_buf[:c]
+    kernels.grad_logits(logits, lse, labels_c, scale, ignore_index, out=dlogits)
+    if gh_out is not None:
+        gh_out.copy_(_matmul.mm_f32(dlogits, weight))
+    if gw_acc is not None:
+        _matmul.addmm_f32_(gw_acc, dlogits.t(), h_c)
+
+
+def _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale=None, gh=None, gw=None):
+    """Per-token loss [N] fp32, chunk by chunk. With ``scale`` (fp32, [1] or [N]: the factor on
+    each token's gradient) also write ``gh`` [N, H] and accumulate ``gw`` [V, H] fp32 (either may
+    be None)."""
+    n = hidden.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    grad_buf = None
+    if scale is not None and weight.dtype != torch.float32:  # fp32 grads overwrite the logits
+        grad_buf = torch.empty(
+            (min(chunk_size, n), weight.shape[0]), dtype=weight.dtype, device=hidden.device
+        )
+    for s, e in _chunks(n, chunk_size):
+        logits, lse = _chunk_logits(hidden[s:e], weight)
+        target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
+        loss[s:e] = torch.where(valid[s:e], lse - target, torch.zeros_like(lse))
+        if scale is not None:
+            _chunk_grads(
+                hidden[s:e],
+                weight,
+                logits,
+                lse,
+                labels[s:e],
+                scale if scale.numel() == 1 else scale[s:e],
+                ignore_index,
+                grad_buf,
+                None if gh is None else gh[s:e],
+                gw,
+            )
+        del logits
+    return loss
+
+
+def _reduce(loss, labels, ignore_index, reduction):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / (labels != ignore_index).sum()
+
+
+def _grad_buffers(hidden, weight, need_h, need_w):
+    gh = torch.empty_like(hidden) if need_h else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    return gh, gw
+
+
+class _FusedLinearCEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.meta = (ignore_index, reduction, chunk_size, need_h, need_w)
+        if reduction == "none":  # the upstream gradient is per token: backward recomputes
+            ctx.save_for_backward(hidden, weight, labels)
+            return _run_chunks(hidden, weight, labels, ignore_index, chunk_size)
+        if reduction == "mean":
+            scale = 1.0 / (labels != ignore_index).sum().to(torch.float32).reshape(1)
+        else:
+            scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
+        loss = _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, gw)
+        ctx.save_for_backward(gh, None if gw is None else gw.to(weight.dtype))
+        return _reduce(loss, labels, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ignore_index, reduction, chunk_size, need_h, need_w = ctx.meta
+        if reduction != "none":  # precomputed in forward: only rescale
+            gh, gw = ctx.saved_tensors
+            gh = None if gh is None else gh * grad_out
+            gw = None if gw is None else gw * grad_out
+            return gh, gw, None, None, None, None
+        hidden, weight, labels = ctx.saved_tensors
+        gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
+        scale = grad_out.to(torch.float32).contiguous()
+        _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, gw)
+        return gh, (None if gw is None else gw.to(weight.dtype)), None, None, None, None
+
+
+def fused_linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The chunked path, unconditionally (CE pieces in Triton, matmuls in torch)."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    h = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight must be [V, H={h}], got {tuple(weight.shape)}")
+    hidden2d = hidden.reshape(-1, h)
+    labels1d = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    n = hidden2d.shape[0]
+    if labels1d.numel() != n:
+        raise ValueError(f"{n} tokens in hidden but {labels1d.numel()} labels")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, h, weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        loss = _FusedLinearCEFunction.apply(
+            hidden2d, weight, labels1d, int(ignore_index), reduction, int(chunk_size)
+        )
+    else:
+        with torch.no_grad():
+            per_token = _run_chunks(hidden2d, weight, labels1d, int(ignore_index), int(chunk_size))
+            loss = _reduce(per_token, labels1d, ignore_index, reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked on CUDA; else the reference."""
+    if hidden.numel() == 0 or hidden.dtype != weight.dtype or not use_triton(hidden, weight):
+        return fused_linear_cross_entropy_reference(
+            hidden, weight, labels, ignore_index, reduction, chunk_size
+        )
+    return fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_size)

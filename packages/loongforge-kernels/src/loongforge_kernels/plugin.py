@@ -1,0 +1,60 @@
+"""LoongForge plugin entry: registers the fused kernels with their torch references.
+
+Imports neither torch nor triton (plugin discovery imports every plugin); the callables are named
+by import path and resolved only when used.
+"""
+
+from loongforge import hookimpl
+from loongforge.registry import Kernel
+
+LOONGFORGE_API_VERSION = "1.0"
+
+_PKG = "loongforge_kernels"
+
+KERNELS = (
+    Kernel(
+        name="triton_rmsnorm",
+        op="rmsnorm",
+        impl=f"{_PKG}.rmsnorm:rms_norm",
+        reference=f"{_PKG}.rmsnorm:rms_norm_reference",
+        device_types=("cuda",),
+        description="RMSNorm over the last dim, HF Llama numerics; fused fwd+bwd (dW in-kernel partials).",
+    ),
+    Kernel(
+        name="triton_swiglu",
+        op="swiglu",
+        impl=f"{_PKG}.swiglu:swiglu",
+        reference=f"{_PKG}.swiglu:swiglu_reference",
+        device_types=("cuda",),
+        description="silu(gate) * up on megatron's fused [gate | up] fc1 output; fused fwd+bwd.",
+    ),
+    Kernel(
+        name="triton_rope",
+        op="rope",
+        impl=f"{_PKG}.rope:apply_rope",
+        reference=f"{_PKG}.rope:apply_rope_reference",
+        device_types=("cuda",),
+        description="Rotate-half RoPE on [S, B, H, D] (partial rotary supported); fused fwd+bwd.",
+    ),
+    Kernel(
+        name="triton_qk_norm_rope",
+        op="qk_norm_rope",
+        impl=f"{_PKG}.rope:qk_norm_rope",
+        reference=f"{_PKG}.rope:qk_norm_rope_reference",
+        device_types=("cuda",),
+        description="Qwen3 per-head QK RMSNorm followed by RoPE in one kernel; fused fwd+bwd.",
+    ),
+    Kernel(
+        name="triton_fused_linear_ce",
+        op="fused_linear_cross_entropy",
+        impl=f"{_PKG}.fused_linear_ce:fused_linear_cross_entropy",
+        reference=f"{_PKG}.fused_linear_ce:fused_linear_cross_entropy_reference",
+        device_types=("cuda",),
+        description="LM-head matmul + cross-entropy in token chunks; never materialises [N, V] logits.",
+    ),
+)
+
+
+@hookimpl
+def loongforge_register_kernels():
+    return list(KERNELS)

@@ -1,0 +1,155 @@
+"""Chunked linear + cross-entropy (Triton CE pieces; interpreted on CPU) vs the fp32 reference."""
+
+import math
+
+import pytest
+import torch
+from loongforge_kernels import _matmul
+from loongforge_kernels.fused_linear_ce import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+    fused_linear_cross_entropy_triton,
+)
+
+pytestmark = pytest.mark.usefixtures("triton_path")
+
+# V spans several 128-wide column blocks with a ragged last one; N is not a multiple of the chunk.
+N, H, V, CHUNK = 37, 24, 300, 16
+
+
+def _inputs(kt, dtype, n=N, seed=0, ignore_every=5, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    hidden = kt.leaf(torch.randn(n, H, generator=g).to(dtype))
+    weight = kt.leaf((0.3 * torch.randn(V, H, generator=g)).to(dtype))
+    labels = torch.randint(0, V, (n,), generator=g)
+    if ignore_every:
+        labels[::ignore_every] = ignore_index
+    return hidden, weight, labels.to(kt.device)
+
+
+def _compare(kt, dtype, hidden, weight, labels, reduction, chunk_size=CHUNK, **kw):
+    def fused(h, w):
+        return fused_linear_cross_entropy_triton(
+            h, w, labels, reduction=reduction, chunk_size=chunk_size, **kw
+        )
+
+    def ref(h, w):
+        return fused_linear_cross_entropy_reference(h, w, labels, reduction=reduction, **kw)
+
+    out, grads, go = kt.fwd_bwd(fused, [hidden, weight])
+    ref_out, ref_grads, _ = kt.fwd_bwd(ref, [hidden, weight], go)
+    assert out.dtype == torch.float32
+    # The loss itself is fp32 on both sides (fp32-accumulated logits), so it is tight even for bf16.
+    kt.parity(out, ref_out, torch.float32, "loss")
+    kt.parity(grads[0], ref_grads[0], dtype, "dhidden")
+    kt.parity(grads[1], ref_grads[1], dtype, "dweight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_fused_ce_matches_reference(kt, dtype, reduction):
+    _compare(kt, dtype, *_inputs(kt, dtype), reduction)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, N, 1000])
+def test_fused_ce_chunk_sizes(kt, chunk_size):
+    _compare(kt, torch.float32, *_inputs(kt, torch.float32, seed=1), "mean", chunk_size=chunk_size)
+
+
+def test_fused_ce_custom_ignore_index_and_3d_hidden(kt):
+    hidden, weight, labels = _inputs(kt, torch.float32, n=2 * 9, seed=2, ignore_every=4, ignore_index=7)
+    hidden3d = hidden.detach().view(9, 2, H).requires_grad_(True)
+    labels2d = labels.view(9, 2)
+    out = fused_linear_cross_entropy_triton(
+        hidden3d, weight, labels2d, ignore_index=7, reduction="none", chunk_size=5
+    )
+    ref = fused_linear_cross_entropy_reference(hidden3d, weight, labels2d, ignore_index=7, reduction="none")
+    assert out.shape == (9, 2)
+    kt.parity(out, ref, torch.float32, "loss")
+    assert torch.all(out[labels2d == 7] == 0)
+    _compare(kt, torch.float32, hidden3d, weight, labels2d, "mean", chunk_size=5, ignore_index=7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_ce_all_ignored(kt, reduction):
+    hidden, weight, labels = _inputs(kt, torch.float32, n=6, ignore_every=0)
+    labels = torch.full_like(labels, -100)
+    out = fused_linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk_size=4)
+    ref = fused_linear_cross_entropy_reference(hidden, weight, labels, reduction=reduction)
+    if reduction == "mean":  # 0 / 0, like F.cross_entropy
+        assert math.isnan(out.item()) and math.isnan(ref.item())
+        out = out.nan_to_num()
+    else:
+        kt.parity(out, ref, torch.float32, "loss")
+    dh, dw = torch.autograd.grad(out.sum(), [hidden, weight])
+    assert not dh.any() and not dw.any()
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_fused_ce_partial_requires_grad(kt, which):
+    hidden, weight, labels = _inputs(kt, torch.float32, seed=4)
+    if which == "hidden":
+        weight = weight.detach()
+    else:
+        hidden = hidden.detach()
+    for reduction in ("mean", "none"):
+        leaf = hidden if which == "hidden" else weight
+        out = fused_linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk_size=CHUNK)
+        ref = fused_linear_cross_entropy_reference(hidden, weight, labels, reduction=reduction)
+        go = torch.rand_like(out)
+        (g,) = torch.autograd.grad(out, [leaf], go)
+        (rg,) = torch.autograd.grad(ref, [leaf], go)
+        kt.parity(g, rg, torch.float32, f"{which}/{reduction}")
+
+
+def test_fused_ce_no_grad(kt):
+    hidden, weight, labels = _inputs(kt, torch.bfloat16)
+    with torch.no_grad():
+        out = fused_linear_cross_entropy_triton(hidden, weight, labels, chunk_size=CHUNK)
+    assert out.grad_fn is None
+    kt.parity(
+        out, fused_linear_cross_entropy_reference(hidden, weight, labels).detach(), torch.float32, "loss"
+    )
+
+
+def test_fused_ce_logits_never_exceed_one_chunk(kt, monkeypatch):
+    """Every matmul the op runs is at most chunk x V (or V x H for the weight grad): no [N, V]."""
+    hidden, weight, labels = _inputs(kt, torch.bfloat16, n=50)
+    shapes = []
+    real_mm, real_addmm = _matmul.mm_f32, _matmul.addmm_f32_
+
+    def mm(a, b):
+        shapes.append((a.shape[0], b.shape[1]))
+        return real_mm(a, b)
+
+    def addmm(acc, a, b):
+        shapes.append((a.shape[0], a.shape[1]))  # the reduced (token) dim is a's second
+        return real_addmm(acc, a, b)
+
+    monkeypatch.setattr(_matmul, "mm_f32", mm)
+    monkeypatch.setattr(_matmul, "addmm_f32_", addmm)
+    for reduction in ("mean", "none"):
+        shapes.clear()
+        out = fused_linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk_size=8)
+        torch.autograd.grad(out.sum(), [hidden, weight])
+        logits = [s for s in shapes if s[1] == V]
+        assert len(logits) == (7 if reduction == "mean" else 14)  # ceil(50 / 8), again in bwd for none
+        assert max(r for r, _ in logits) == 8
+        assert all(r <= 8 or c <= 8 for r, c in shapes)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(8192, 2048, 128256) == 256
+    assert default_chunk_size(10, 2048, 128256) == 10
+    assert default_chunk_size(1 << 20, 8192, 32000) == 4096
+
+
+def test_fused_ce_dispatch(kt, monkeypatch):
+    hidden, weight, labels = _inputs(kt, torch.float32)
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")
+    assert "FusedLinearCE" in type(fused_linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "reference")
+    assert "FusedLinearCE" not in type(fused_linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy_triton(hidden, weight, labels, reduction="avg")

@@ -1,0 +1,129 @@
+"""Fused RoPE and QK-norm+RoPE (Triton; interpreted on CPU) vs the references, fwd and bwd."""
+
+import pytest
+import torch
+from loongforge_kernels.rope import (
+    apply_rope,
+    apply_rope_reference,
+    apply_rope_triton,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+    qk_norm_rope_triton,
+)
+
+pytestmark = pytest.mark.usefixtures("triton_path")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _cos_sin(s, rot_dim, device, layout="4d", base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+    freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(device), emb.sin().to(device)
+    if layout == "4d":
+        return cos[:, None, None, :], sin[:, None, None, :]
+    return cos, sin
+
+
+def _x(kt, shape, dtype, seed=0):
+    return kt.leaf((torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype))
+
+
+def _check(kt, fused, ref, inputs, dtype):
+    out, grads, dy = kt.fwd_bwd(fused, inputs)
+    ref_out, ref_grads, _ = kt.fwd_bwd(ref, inputs, dy)
+    kt.parity(out, ref_out, dtype, "y")
+    for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
+        kt.parity(a, b, dtype, f"grad[{i}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["4d", "2d"])
+@pytest.mark.parametrize("rot_frac", [1.0, 0.5])
+def test_rope_matches_reference(kt, dtype, layout, rot_frac):
+    s, b, h, d = 6, 2, 3, 16
+    cos, sin = _cos_sin(s, int(d * rot_frac), kt.device, layout)
+    _check(kt, apply_rope_triton, apply_rope_reference, [_x(kt, (s, b, h, d), dtype), cos, sin], dtype)
+
+
+def test_rope_broadcast_position_and_strided_input(kt):
+    """cos/sin with S=1 broadcast over positions; x a strided slice of a fused qkv tensor."""
+    s, b, h, d = 5, 2, 4, 8
+    qkv = kt.leaf(torch.randn(s, b, h, 3 * d))
+    q = qkv[..., :d]  # unit stride on D, strided heads
+    cos, sin = _cos_sin(1, d, kt.device, "2d")
+    cos, sin = cos + 0.1, sin - 0.2  # not the position-0 identity
+    _check(kt, apply_rope_triton, apply_rope_reference, [q, cos, sin], torch.float32)
+
+
+def test_rope_bf16_x_fp32_tables(kt):
+    s, b, h, d = 4, 1, 2, 32
+    cos, sin = _cos_sin(s, d, kt.device)
+    _check(
+        kt,
+        apply_rope_triton,
+        apply_rope_reference,
+        [_x(kt, (s, b, h, d), torch.bfloat16), cos, sin],
+        torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot_frac", [1.0, 0.75])
+def test_qk_norm_rope_matches_reference(kt, dtype, rot_frac):
+    s, b, h, d = 5, 2, 3, 16
+    cos, sin = _cos_sin(s, int(d * rot_frac) // 2 * 2, kt.device)
+    w = kt.leaf((1.0 + 0.2 * torch.randn(d)).to(dtype))
+    x = _x(kt, (s, b, h, d), dtype, seed=3)
+    _check(
+        kt,
+        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
+        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
+        [x, w],
+        dtype,
+    )
+
+
+def test_qk_norm_rope_many_heads_strided(kt):
+    """More heads than one block holds (two head blocks, last one masked), strided [B, S] input."""
+    s, b, h, d = 3, 2, 80, 64
+    cos, sin = _cos_sin(s, d, kt.device)
+    w = kt.leaf(1.0 + 0.2 * torch.randn(d))
+    x = kt.leaf(torch.randn(b, s, h, d)).transpose(0, 1)
+    _check(
+        kt,
+        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
+        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
+        [x, w],
+        torch.float32,
+    )
+
+
+def test_qk_norm_rope_is_norm_then_rope(kt):
+    s, b, h, d = 3, 1, 2, 8
+    cos, sin = _cos_sin(s, d, kt.device)
+    x = torch.randn(s, b, h, d, device=kt.device)
+    w = torch.rand(d, device=kt.device) + 0.5
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    x1, x2 = normed.chunk(2, -1)
+    expect = normed * cos + torch.cat([-x2, x1], -1) * sin
+    torch.testing.assert_close(qk_norm_rope_triton(x, w, 1e-6, cos, sin), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_dispatch_and_validation(kt, monkeypatch):
+    s, b, h, d = 3, 1, 2, 8
+    cos, sin = _cos_sin(s, d, kt.device)
+    x = torch.randn(s, b, h, d, device=kt.device)
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")
+    x.requires_grad_(True)
+    assert "RopeFunction" in type(apply_rope(x, cos, sin).grad_fn).__name__
+    # cos/sin needing a gradient is not fused: the reference runs and differentiates them.
+    cos_g = cos.clone().requires_grad_(True)
+    assert "RopeFunction" not in type(apply_rope(x, cos_g, sin).grad_fn).__name__
+    w = torch.ones(d, device=kt.device)
+    assert "RopeFunction" in type(qk_norm_rope(x, w, 1e-6, cos, sin).grad_fn).__name__
+    with pytest.raises(ValueError):
+        apply_rope_triton(x, cos[..., :3], sin[..., :3])  # odd rotary dim
+    with pytest.raises(ValueError):
+        apply_rope_triton(x, cos[:2], sin[:2])  # wrong S

@@ -1,0 +1,26 @@
+"""GPTModel whose rotary embedding follows ``position_ids``.
+
+megatron-core's GPTModel computes RoPE for positions 0..S-1 and ignores ``position_ids`` (they
+only feed learned absolute embeddings). Packed pre-training and SFT samples restart positions at
+every document, as HF models do when given ``position_ids``; this subclass computes the rotary
+angles from the ids whenever they are not the plain ``arange``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+
+class PositionIdsGPTModel(GPTModel):
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if position_ids is None or out[1] is None:
+            return out
+        seq = position_ids.shape[-1]
+        if torch.equal(position_ids, torch.arange(seq, device=position_ids.device).expand_as(position_ids)):
+            return out
+        inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
+        freqs = position_ids.t().to(inv_freq.dtype)[..., None] * inv_freq  # [s, b, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [s, b, 1, d]: broadcasts over heads
+        return (out[0], emb, *out[2:])
