@@ -76,7 +76,7 @@ def test_crash_during_save_keeps_previous_checkpoint(third_party_site, tmp_path)
         ("model.vocab_size=512", "512"),
         ("parallel.tp=2", "world size 1 is not a multiple"),
         ("train.stepz=3", "unknown config key 'train.stepz'"),
-        ("model.family=qwen9", "unknown model family 'qwen9'"),
+        ("model.family=qwen9", "model.family') 'qwen9'"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(third_party_site, tmp_path, override, message):

@@ -113,10 +113,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_data_preprocess(args) -> int:
-    from loongforge.data.preprocess import preprocess
+    from loongforge.data.preprocess import run_preprocess
 
-    preprocess(inputs=args.input, output_prefix=args.output_prefix, tokenizer_dir=args.tokenizer,
-               text_field=args.text_field, workers=args.workers, on_error=args.on_error)
+    print(run_preprocess(args).summary())
     return 0
 
 
@@ -172,12 +171,9 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     pre = data.add_parser("preprocess", help="tokenize jsonl/parquet into megatron-core's indexed format")
-    pre.add_argument("--input", nargs="+", required=True)
-    pre.add_argument("--output-prefix", required=True)
-    pre.add_argument("--tokenizer", required=True, help="a local HF tokenizer directory")
-    pre.add_argument("--text-field", default="text")
-    pre.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    pre.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    from loongforge.data.preprocess import add_preprocess_arguments
+
+    add_preprocess_arguments(pre)
     pre.set_defaults(func=cmd_data_preprocess)
     return parser
 

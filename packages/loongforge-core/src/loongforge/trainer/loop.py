@@ -12,13 +12,18 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
-from loongforge.parallel import validate_layout
 from loongforge.plugins import lookup
 from loongforge.registry import load_object
 from loongforge.trainer import checkpoint as ckpt
 from loongforge.trainer.batches import masked_token_loss, model_inputs
 from loongforge.trainer.metrics import RunLogger, flops_per_token, mfu
-from loongforge.trainer.model import build_model_chunks, load_pretrained, model_provider, run_settings
+from loongforge.trainer.model import (
+    build_model_chunks,
+    load_pretrained,
+    model_provider,
+    resolve_model_section,
+    run_settings,
+)
 from loongforge.trainer.optim import build_optimizer, build_scheduler
 from loongforge.trainer.runtime import Runtime, runtime
 
@@ -43,8 +48,7 @@ class Trainer:
         self.provider = model_provider(cfg, rt.plugins)
         self.settings = run_settings(cfg)
         m = cfg.model
-        self.layout = validate_layout(cfg, rt.world_size, m.get("num_hidden_layers"),
-                                      m.get("num_attention_heads"), m.get("num_key_value_heads"))
+        self.layout = rt.layout
         self.tokenizer = load_tokenizer(cfg, rt.plugins)
         self.vocab_size = self.provider.padded_vocab_size(self.settings)
         check_vocab(self.tokenizer, int(m.get("vocab_size", self.vocab_size)))
@@ -211,5 +215,6 @@ class Trainer:
 
 def run_pretrain(cfg, plugins) -> dict:
     """The ``pretrain`` task."""
+    cfg = resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes validated first
     with runtime(cfg, plugins) as rt:
         return Trainer(cfg, rt).fit()

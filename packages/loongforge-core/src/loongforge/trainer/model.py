@@ -22,14 +22,17 @@ def run_settings(cfg) -> RunSettings:
     )
 
 
-def _with_pretrained_config(cfg, plugins):
+def resolve_model_section(cfg, plugins):
     """``model.pretrained=HF_DIR``: its ``config.json`` fills the model section (the section's own
-    keys win) and its ``model_type`` picks the family when ``model.family`` is not given."""
+    keys win) and its ``model_type`` picks the family when ``model.family`` is not given.
+    Idempotent: a resolved section already holds every key of the config.json."""
     import json
     from pathlib import Path
 
     from omegaconf import OmegaConf, open_dict
 
+    if not cfg.model.get("pretrained"):
+        return cfg
     path = Path(cfg.model.pretrained)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -49,8 +52,7 @@ def _with_pretrained_config(cfg, plugins):
 
 def model_provider(cfg, plugins):
     """The provider of the family named by ``model.family``."""
-    if cfg.model.get("pretrained"):
-        cfg = _with_pretrained_config(cfg, plugins)
+    cfg = resolve_model_section(cfg, plugins)
     family = cfg.model.get("family")
     if not family:
         raise ConfigError("config key 'model.family' is missing: pick a model config, e.g. "

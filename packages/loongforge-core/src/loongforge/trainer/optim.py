@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -29,11 +31,15 @@ def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
     if s.type not in _DECAY_STYLES:
         raise ConfigError(f"config key 'scheduler.type': {s.type!r} is not one of {', '.join(_DECAY_STYLES)}")
     decay_steps = s.decay_steps or steps
-    if s.warmup_steps >= decay_steps and s.type != "constant":
-        raise ConfigError(f"config key 'scheduler.warmup_steps'={s.warmup_steps} must be < decay steps {decay_steps}")
+    warmup = s.warmup_steps
+    if warmup >= decay_steps:
+        # a shortened run (train.steps=3 on a config with 20 warm-up steps) should still run
+        warmup = max(decay_steps - 1, 0)
+        warnings.warn(f"scheduler.warmup_steps={s.warmup_steps} >= decay steps {decay_steps}: using {warmup}",
+                      stacklevel=2)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if s.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=_DECAY_STYLES[s.type],
+        optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=decay_steps, lr_decay_style=_DECAY_STYLES[s.type],
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
         wsd_decay_steps=int(decay_steps * s.wsd_decay_fraction) if s.type == "wsd" else None,
         lr_wsd_decay_style="cosine" if s.type == "wsd" else None,

@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from loongforge.backend import Backend
+from loongforge.parallel import validate_layout
 from loongforge.registry import load_object
 
 
@@ -19,6 +20,7 @@ class Runtime:
     """What one training process knows about where it runs."""
 
     backend: Backend
+    layout: Any
     rank: int
     world_size: int
     local_rank: int
@@ -58,12 +60,15 @@ def runtime(cfg, plugins):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    m = cfg.model
+    layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
+                             m.get("num_key_value_heads"))
     with backend.activate(local_rank):
         dist.init_process_group(backend.collective_backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=10))
         try:
             pg = plugins.hook.loongforge_init_parallel(cfg=cfg, backend=backend)
-            yield Runtime(backend, rank, world, local_rank, pg, plugins)
+            yield Runtime(backend, layout, rank, world, local_rank, pg, plugins)
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
