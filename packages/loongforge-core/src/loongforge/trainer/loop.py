@@ -52,12 +52,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg, rt.plugins)
         self.vocab_size = self.provider.padded_vocab_size(self.settings)
         check_vocab(self.tokenizer, int(m.get("vocab_size", self.vocab_size)))
-        self.train_ds, self.valid_ds = build_datasets(cfg, self.tokenizer, rt.plugins)
+        self.train_ds, self.valid_ds = self.build_datasets()
 
         rt.backend.manual_seed(cfg.seed)
         chunks = build_model_chunks(self.provider, self.settings, rt.backend, rt.plugins)
         if cfg.model.get("pretrained"):
             load_pretrained(self.provider, chunks, cfg.model.pretrained)
+        chunks = self._prepare_chunks(chunks)
         self.model = self.hooks.loongforge_parallelize(name="model", modules=chunks, cfg=cfg, backend=rt.backend)
         self.config = chunks[0].config
         self.optimizer = build_optimizer(cfg, self.model, rt.backend)
@@ -68,6 +69,16 @@ class Trainer:
         self._maybe_resume()
         self.train_batches = self._batches(self.train_ds, self.consumed_samples)
         self.flops_token = flops_per_token(self.config, self.vocab_size, cfg.train.seq_length)
+
+    # --- extension points for task subclasses (e.g. loongforge.trainer.sft) -------------------
+
+    def build_datasets(self):
+        """``(train, valid or None)``; the default builds ``data.format``'s registered dataset."""
+        return build_datasets(self.cfg, self.tokenizer, self.rt.plugins)
+
+    def _prepare_chunks(self, chunks: list) -> list:
+        """Change the built (and pretrained-loaded) chunks before data-parallel wrapping (e.g. LoRA)."""
+        return chunks
 
     def _batches(self, dataset, consumed_samples: int):
         """This rank's micro-batches from ``consumed_samples`` on (resumable to the sample)."""

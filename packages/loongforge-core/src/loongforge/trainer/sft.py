@@ -1,0 +1,106 @@
+"""The ``sft`` task: the pre-training loop on conversation data, optionally with LoRA.
+
+What differs from pre-training (everything else -- forward step, loss, checkpoints -- is shared):
+
+* data: :func:`loongforge.data.sft.build_sft_dataset` (chat template, assistant-only loss,
+  truncation, packing with per-conversation positions and segments);
+* sampling: :class:`loongforge.data.sft.BalancedSampler` re-splits each global batch over the
+  data-parallel ranks by estimated cost (``sft.balance_dp``);
+* model: with ``peft.lora.rank > 0`` the base weights are frozen and LoRA adapters added before
+  data-parallel wrapping, so megatron-core's DDP and optimizer only see the adapters.
+"""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+
+from loongforge.trainer.loop import Trainer
+from loongforge.trainer.runtime import runtime
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, cfg, rt):
+        self._balance_log: list[tuple[float, float]] = []
+        super().__init__(cfg, rt)
+        self._report_start()
+
+    def build_datasets(self):
+        from loongforge.data.sft import build_sft_dataset
+
+        train, valid = build_sft_dataset(self.cfg, self.tokenizer, self.cfg.train.seq_length, self.cfg.seed)
+        self.sft_stats = train.stats
+        return train, valid
+
+    def _prepare_chunks(self, chunks):
+        lora = self.cfg.peft.lora
+        self.lora_modules = []
+        if lora.rank > 0:
+            from loongforge.peft.lora import apply_lora
+
+            for chunk in chunks:
+                self.lora_modules += apply_lora(chunk, lora.rank, lora.alpha, lora.dropout,
+                                                list(lora.target_modules), seed=self.cfg.seed)
+        return chunks
+
+    def _cost_b(self) -> float:
+        b = self.cfg.sft.cost_b
+        return float(b) if b is not None else 1.0 / (12.0 * int(self.cfg.model.get("hidden_size", 1024)))
+
+    def _batches(self, dataset, consumed_samples: int):
+        from torch.utils.data import DataLoader
+
+        from loongforge.data.packing import collate
+        from loongforge.data.sft import BalancedSampler
+
+        if not (self.cfg.sft.balance_dp and hasattr(dataset, "sample_lengths")):
+            return super()._batches(dataset, consumed_samples)
+        training = dataset is self.train_ds
+        sampler = BalancedSampler(
+            dataset, micro_batch_size=self.cfg.train.micro_batch_size,
+            global_batch_size=self.cfg.train.global_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
+            consumed_samples=consumed_samples, seed=self.cfg.seed,
+            cost_a=self.cfg.sft.cost_a, cost_b=self._cost_b(),
+            on_batch=(lambda step, before, after: self._balance_log.append((before, after))) if training else None,
+        )
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
+
+    def train_step(self) -> dict[str, float]:
+        metrics = super().train_step()
+        if self._balance_log and self.layout.dp > 1:
+            before, after = self._balance_log[-1]
+            metrics |= {"dp_imbalance_before": before, "dp_imbalance_after": after}
+        return metrics
+
+    def _report_start(self) -> None:
+        if not self.rt.is_main:
+            return
+        from loongforge.peft.lora import trainable_summary
+
+        s = self.sft_stats
+        print(f"sft data: {s.summary()}", flush=True)
+        counts = trainable_summary(self.model)
+        bf16 = self.cfg.train.precision == "bf16"
+        # Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under bf16)
+        opt_bytes = counts["trainable"] * (8 + (4 if bf16 else 0))
+        lora = self.cfg.peft.lora
+        what = f"LoRA rank {lora.rank} on {len(self.lora_modules)} linears" if lora.rank > 0 else "full fine-tuning"
+        print(f"sft model ({what}): {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+              f"({100 * counts['trainable'] / max(1, counts['total']):.2f}%) on this rank; "
+              f"optimizer state {opt_bytes / 2**20:.2f} MiB", flush=True)
+
+
+def run_sft(cfg, plugins) -> dict:
+    """The ``sft`` task."""
+    with runtime(cfg, plugins) as rt:
+        trainer = SFTTrainer(cfg, rt)
+        result = trainer.fit()
+        result["sft_stats"] = trainer.sft_stats
+        if trainer._balance_log:
+            before = [b for b, _ in trainer._balance_log]
+            after = [a for _, a in trainer._balance_log]
+            result["dp_imbalance"] = (sum(before) / len(before), sum(after) / len(after))
+            if rt.is_main and trainer.layout.dp > 1:
+                print(f"dp load balance: max/mean cost {result['dp_imbalance'][0]:.3f} (contiguous split) -> "
+                      f"{result['dp_imbalance'][1]:.3f} (balanced)", flush=True)
+        return result
