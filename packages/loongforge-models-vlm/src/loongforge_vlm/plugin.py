@@ -1,7 +1,17 @@
-"""Entry point of ``loongforge-models-vlm``: registers this package with LoongForge.
+"""Entry point of ``loongforge-models-vlm`` (entry point ``vlm``).
 
-No models or converters are registered yet; the package exists so that users can install it
-on its own and so that the plugin contract (API version, discovery) is exercised.
+Contributes the ``models/image_encoder`` / ``models/image_projector`` Hydra groups. Importing this
+module imports no torch or megatron-core.
 """
 
+from __future__ import annotations
+
+from loongforge import hookimpl
+from loongforge.registry import ConfigDir
+
 LOONGFORGE_API_VERSION = "1.0"
+
+
+@hookimpl
+def loongforge_config_dirs():
+    return [ConfigDir(path="pkg://loongforge_vlm.configs", provider="vlm")]

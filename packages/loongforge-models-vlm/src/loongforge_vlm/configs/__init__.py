@@ -1,0 +1,1 @@
+"""Hydra configs of loongforge-models-vlm (searched as ``pkg://loongforge_vlm.configs``)."""
