@@ -1,0 +1,118 @@
+"""Real ``loongforge run`` processes: a SIGKILL in the middle of a checkpoint write, the resume,
+and ``checkpoint.save_hf=true``.
+
+One module-scoped scenario (two CLI runs, the default qwen3_demo model on small batches):
+
+1. a run saving every step is killed with SIGKILL as soon as a ``step_N.tmp`` directory exists
+   (a previous checkpoint being complete): ``latest`` must still name a complete checkpoint;
+2. the same command again, with ``checkpoint.save_hf=true``: it must resume from that checkpoint,
+   finish, and leave ``<checkpoints>/hf/``, which transformers loads with our model's logits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 6
+RUN_ARGS = ("train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2",
+            "train.eval_interval=0", "train.log_interval=1", "checkpoint.save_interval=1",
+            "logging.progress=false", "logging.tensorboard=false", "logging.loss_curve=false",
+            f"train.steps={STEPS}")
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loongforge.cli", "run", f"output_dir={out}", *RUN_ARGS, *extra]
+
+
+def _kill_during_save(out: Path, log: Path) -> dict:
+    """Start a run; SIGKILL it while a checkpoint is being written after an earlier one completed."""
+    ckpts = out / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cli(out), stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    seen: list[Path] = []
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (ckpts / "latest").is_file():
+                seen = list(ckpts.glob("step_*.tmp"))
+                if seen:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None and not seen:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {"returncode": proc.returncode, "tmp": seen}
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    out = base / "out"
+    ckpts = out / "checkpoints"
+    for attempt in range(3):  # the kill can land just after the rename; then try the next save
+        killed = _kill_during_save(out, base / f"killed_{attempt}.log")
+        assert killed["tmp"], (base / f"killed_{attempt}.log").read_text()[-3000:]
+        if any(t.exists() for t in killed["tmp"]):
+            break
+    else:
+        pytest.fail("three kills all landed between saves")
+    assert killed["returncode"] == -signal.SIGKILL
+    after_kill = {
+        "latest": (ckpts / "latest").read_text().strip(),
+        "tmp": [t.name for t in killed["tmp"] if t.exists()],
+        "tmp_complete": [(t / "trainer_state.json").exists() for t in killed["tmp"] if t.exists()],
+    }
+    step_dir = ckpts / after_kill["latest"]
+    after_kill["latest_complete"] = all((step_dir / f).is_file() for f in ("trainer_state.json", "metadata.json", ".metadata"))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run(_cli(out, "checkpoint.save_hf=true"), capture_output=True, text=True, env=env, timeout=600)
+    return {"out": out, "ckpts": ckpts, "after_kill": after_kill, "resumed": resumed}
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resumes(scenario):
+    after_kill, resumed = scenario["after_kill"], scenario["resumed"]
+    print(f"\nkilled while writing {after_kill['tmp']}; latest -> {after_kill['latest']}")
+    assert after_kill["tmp"] and after_kill["tmp_complete"] == [False] * len(after_kill["tmp"])
+    assert after_kill["latest_complete"]
+    k = int(after_kill["latest"].removeprefix("step_"))
+    assert 1 <= k < STEPS
+
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = [int(m) for m in re.findall(r"^step (\d+) loss", resumed.stdout + resumed.stderr, flags=re.M)]
+    assert steps == list(range(k + 1, STEPS + 1)), steps  # resumed after the last complete checkpoint
+    ckpts = scenario["ckpts"]
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert not list(ckpts.glob("step_*.tmp"))
+
+
+def test_save_hf_writes_a_transformers_loadable_model(scenario, our_logits):
+    import transformers
+
+    resumed = scenario["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    hf = scenario["ckpts"] / "hf"
+    assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
+    assert (hf / "tokenizer.json").is_file() or (hf / "tokenizer_config.json").is_file()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    ids = torch.tensor([tokenizer("Once upon a time there was a little dog", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    ours, vocab = our_logits(scenario["ckpts"], ids)
+    rel = ((ours[..., :vocab] - ref).norm() / ref.norm()).item()
+    print(f"\nsave_hf export vs our model: rel err {rel:.2e}")
+    assert rel < 1e-5
