@@ -194,17 +194,19 @@ class LLMProvider:
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
+        model_class: type | None = None,
     ):
         """One ``GPTModel`` chunk (RoPE from ``position_ids``: ``common.model``). RoPE scaling is
         installed as exact HF frequencies (see ``loongforge_llm.common.rope`` for why megatron-core's
-        own is not used)."""
+        own is not used). ``model_class``: a ``PositionIdsGPTModel`` subclass to build instead
+        (e.g. the VLM package's multimodal-RoPE model)."""
         from loongforge_llm.common.model import PositionIdsGPTModel
         from loongforge_llm.common.rope import install_inv_freq, inv_freq
 
         self._run = run
         a = self.args
         _quiet_gptmodel_deprecation()
-        model = PositionIdsGPTModel(
+        model = (model_class or PositionIdsGPTModel)(
             config=config,
             transformer_layer_spec=self.layer_spec(config, backend),
             vocab_size=self.padded_vocab_size(run),

@@ -27,7 +27,22 @@ def _primary(config: str, search_paths: list[str]) -> tuple[str, str, list[str]]
         if not path.is_file():
             raise ConfigError(f"config file {config!r} does not exist")
         return str(path.resolve().parent), path.stem, search_paths
-    return search_paths[0] if search_paths else ".", config, search_paths
+    return _dir_holding(config, search_paths), config, search_paths
+
+
+def _dir_holding(name: str, search_paths: list[str]) -> str:
+    """The first plugin config dir that has ``name.yaml`` (Hydra looks up a primary config in the
+    primary dir only, so a run config shipped by a later plugin must be made primary)."""
+    from importlib.resources import files
+
+    for d in search_paths:
+        if d.startswith("pkg://"):
+            try:
+                if files(d.removeprefix("pkg://")).joinpath(f"{name}.yaml").is_file():
+                    return d
+            except ModuleNotFoundError:
+                continue
+    return search_paths[0] if search_paths else "."
 
 
 def _did_you_mean(key: str, options: list[str]) -> str:

@@ -1,0 +1,1 @@
+"""Multimodal conversation data: image preprocessing, placeholder expansion, positions, batches."""

@@ -1,0 +1,57 @@
+"""HF checkpoint layouts of the VLM families (no torch import).
+
+Each layout says, declaratively, where our parameters live in the HF checkpoint: prefix renames
+tried in order (first match wins) for the vision parts (``image_encoder.*``, ``image_projector.*``),
+and the prefix that replaces ``model.`` in the LLM family's own HF names (the LLM's rules do the
+rest: fused q/k/v, gate/up, vocabulary padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VLMLayout:
+    model_type: str
+    hf_architecture: str
+    #: (ours prefix, HF prefix) for the vision parts, first match wins
+    vision_renames: tuple[tuple[str, str], ...]
+    #: HF prefix of the LLM's decoder (``model.layers.0...`` -> ``{llm_prefix}layers.0...``)
+    llm_prefix: str
+    #: HF prefix of the LLM's output layer
+    lm_head_prefix: str = "lm_head."
+    #: the tokens the data pipeline writes around / for each image
+    image_token: str = "<|image_pad|>"
+    vision_start_token: str = "<|vision_start|>"
+    vision_end_token: str = "<|vision_end|>"
+
+    def vision_hf_name(self, ours: str) -> str:
+        for prefix, hf in self.vision_renames:
+            if ours.startswith(prefix):
+                return hf + ours[len(prefix):]
+        raise KeyError(f"{ours!r} has no HF name in the {self.model_type} layout")
+
+    def llm_hf_name(self, llm_hf: str) -> str:
+        """The checkpoint name of an LLM-family HF name (``model.norm.weight``, ``lm_head.weight``)."""
+        if llm_hf.startswith("lm_head."):
+            return self.lm_head_prefix + llm_hf[len("lm_head."):]
+        if llm_hf.startswith("model."):
+            return self.llm_prefix + llm_hf[len("model."):]
+        return llm_hf
+
+
+LAYOUTS: dict[str, VLMLayout] = {
+    "qwen2_5_vl": VLMLayout(
+        model_type="qwen2_5_vl",
+        hf_architecture="Qwen2_5_VLForConditionalGeneration",
+        vision_renames=(
+            ("image_encoder.patch_embed.weight", "model.visual.patch_embed.proj.weight"),
+            ("image_encoder.", "model.visual."),
+            ("image_projector.", "model.visual.merger."),
+        ),
+        llm_prefix="model.language_model.",
+    ),
+}
+
+MODEL_TYPES = tuple(LAYOUTS)

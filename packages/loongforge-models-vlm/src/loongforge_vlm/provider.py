@@ -1,0 +1,183 @@
+"""``VLMProvider``: reads the composed ``model`` section and builds encoder + projector + LLM.
+
+The section (see ``configs/qwen2_5_vl_tiny.yaml``)::
+
+    family: vlm
+    model_type: qwen2_5_vl        # HF checkpoint layout (model_types.LAYOUTS)
+    foundation: {family: qwen2, hidden_size: ...}   # any registered LLM family's section
+    image_encoder: {name: qwen2_5_vit, ...}          # a registered image_encoder component
+    image_projector: {name: qwen2_5_merger, ...}     # a registered image_projector component
+    mrope_section: [16, 24, 24]   # multimodal RoPE of the LLM; null: plain 1D positions
+    image_token_id: null          # null: taken from the tokenizer by the task
+
+The LLM part is entirely the foundation family's provider (its TransformerConfig, padded vocab,
+layer spec and weight rules); this class only decides what exists on a pipeline stage (the
+vision parts on the first one) and wires sizes between the parts (the projector's input is the
+encoder's width, its output the LLM's hidden size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loongforge.config import ConfigError
+from loongforge.model_provider import RunSettings
+from loongforge.registry import load_object
+
+from loongforge_vlm.model_types import LAYOUTS
+
+
+def _plain(section: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)
+    return dict(section)
+
+
+class VLMProvider:
+    def __init__(self, model_cfg: Any, *, plugins: Any = None):
+        if plugins is None:
+            from loongforge.plugins import get_plugin_manager
+
+            plugins = get_plugin_manager()
+        self.plugins = plugins
+        s = _plain(model_cfg)
+        self.section = s
+        for key in ("foundation", "image_encoder", "image_projector"):
+            if not isinstance(s.get(key), dict):
+                raise ConfigError(f"config key 'model.{key}' is missing: a VLM config selects it in its defaults list, "
+                                  f"e.g. '- /models/{key if key != 'foundation' else 'qwen2_5'}@model.{key}: ...'")
+        model_type = s.get("model_type", "qwen2_5_vl")
+        if model_type not in LAYOUTS:
+            raise ConfigError(f"config key 'model.model_type': unknown VLM layout {model_type!r} (known: {', '.join(LAYOUTS)})")
+        self.layout = LAYOUTS[model_type]
+        registry = plugins.registry()
+        from loongforge.plugins import lookup
+
+        family = s["foundation"].get("family")
+        record = lookup(registry.models, family, "LLM family (config key 'model.foundation.family')", plugins.failures)
+        self.llm = load_object(record.builder)(s["foundation"])
+        self.encoder_cfg = dict(s["image_encoder"])
+        self.projector_cfg = dict(s["image_projector"])
+        self.encoder_record = self._component(registry, self.encoder_cfg, "image_encoder")
+        self.projector_record = self._component(registry, self.projector_cfg, "image_projector")
+        # sizes the projector takes from its neighbours unless set
+        if self.projector_cfg.get("hidden_size") is None:
+            self.projector_cfg["hidden_size"] = s["foundation"]["hidden_size"]
+        self.projector_cfg.setdefault("context_dim", self.encoder_cfg.get("hidden_size"))
+        if "spatial_merge_size" in self.encoder_cfg:
+            self.projector_cfg.setdefault("spatial_merge_size", self.encoder_cfg["spatial_merge_size"])
+        if self.projector_cfg["hidden_size"] != s["foundation"]["hidden_size"]:
+            raise ConfigError(f"config key 'model.image_projector.hidden_size' ({self.projector_cfg['hidden_size']}) must "
+                              f"equal the LLM's 'model.foundation.hidden_size' ({s['foundation']['hidden_size']})")
+        self.mrope_section = self._mrope_section(s.get("mrope_section"))
+        self.image_token_id = s.get("image_token_id")
+
+    def _mrope_section(self, value) -> tuple[int, ...]:
+        """``auto``: Qwen2-VL's split (1/4 time, 3/8 rows, 3/8 cols of the rotary dims) scaled to
+        the LLM's head_dim, so any LLM can be swapped in; ``null``: plain 1D positions."""
+        if not value:
+            return ()
+        if value == "auto":
+            half = self.llm.args.head_dim // 2
+            t, h = half // 4, 3 * half // 8
+            return (t, h, half - t - h)
+        return tuple(int(v) for v in value)
+
+    @staticmethod
+    def _component(registry, section: dict, kind: str):
+        name = section.get("name")
+        rec = registry.components.get(name)
+        if rec is None or rec.kind != kind:
+            known = sorted(n for n, r in registry.components.items() if r.kind == kind)
+            raise ConfigError(f"config key 'model.{kind}.name': no registered {kind} {name!r} (registered: {', '.join(known)})")
+        return rec
+
+    def __repr__(self) -> str:
+        return f"VLMProvider({self.encoder_cfg.get('name')} x {self.projector_cfg.get('name')} x {self.llm!r})"
+
+    # --- what the trainer asks -------------------------------------------------------------------
+    def transformer_config(self, run: RunSettings):
+        return self.llm.transformer_config(run)
+
+    def padded_vocab_size(self, run: RunSettings | None = None) -> int:
+        return self.llm.padded_vocab_size(run)
+
+    def build_vision(self):
+        """(encoder, projector) as plain modules, frozen where the config says so."""
+        encoder = load_object(self.encoder_record.builder)(self.encoder_cfg)
+        projector = load_object(self.projector_record.builder)(self.projector_cfg)
+        for module, section in ((encoder, self.encoder_cfg), (projector, self.projector_cfg)):
+            if section.get("freeze"):
+                module.requires_grad_(False)
+        return encoder, projector
+
+    def build(self, config, run: RunSettings, *, backend, pre_process: bool = True, post_process: bool = True,
+              vp_stage: int | None = None):
+        from loongforge_vlm.model import MRopeGPTModel, VLMModel
+
+        llm = self.llm.build(config, run, backend=backend, pre_process=pre_process, post_process=post_process,
+                             vp_stage=vp_stage, model_class=MRopeGPTModel)
+        llm.mrope_section = self.mrope_section
+        if self.section["foundation"].get("freeze"):
+            llm.requires_grad_(False)
+        encoder = projector = None
+        if pre_process:
+            encoder, projector = self.build_vision()
+        return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, mrope=bool(self.mrope_section))
+
+    # --- weights ---------------------------------------------------------------------------------
+    def load_hf_weights(self, chunk, get_hf_tensor, *, tp_rank: int | None = None, tp_size: int | None = None,
+                        run: RunSettings | None = None) -> None:
+        """Load an HF checkpoint of ``model_type``'s layout: the LLM through its family's rules (names
+        re-prefixed by the layout), the vision parts by the layout's renames."""
+        from loongforge.weight_mapping import load_into
+
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        layout = self.layout
+        self.llm.load_hf_weights(chunk.language_model, lambda name: get_hf_tensor(layout.llm_hf_name(name)),
+                                 tp_rank=tp_rank, tp_size=tp_size, run=run)
+        for part in ("image_encoder", "image_projector"):
+            module = getattr(chunk, part)
+            if module is None:
+                continue
+            tensors = {n: get_hf_tensor(layout.vision_hf_name(f"{part}.{n}")) for n, _ in module.named_parameters()}
+            load_into(module, tensors)
+
+    def hf_names(self, chunk) -> dict[str, str]:
+        """Our vision parameter names -> HF names (for export and inspection)."""
+        out = {}
+        for part in ("image_encoder", "image_projector"):
+            module = getattr(chunk, part)
+            if module is not None:
+                out.update({f"{part}.{n}": self.layout.vision_hf_name(f"{part}.{n}") for n, _ in module.named_parameters()})
+        return out
+
+    def hf_config(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict of this model in ``model_type``'s layout (Qwen2.5-VL only)."""
+        if self.layout.model_type != "qwen2_5_vl":
+            raise NotImplementedError(f"no HF config export for {self.layout.model_type!r}")
+        text = dict(self.llm.hf_config())
+        text.pop("architectures", None)
+        text["model_type"] = "qwen2_5_vl_text"
+        if self.mrope_section:
+            text["rope_scaling"] = {"rope_type": "default", "mrope_section": list(self.mrope_section)}
+        e = self.encoder_cfg
+        vision = {k: e[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                                    "temporal_patch_size", "spatial_merge_size", "window_size", "hidden_act") if k in e}
+        vision["fullatt_block_indexes"] = list(e.get("fullatt_block_indexes", []))
+        vision["out_hidden_size"] = self.projector_cfg["hidden_size"]
+        cfg = {"architectures": [self.layout.hf_architecture], "model_type": "qwen2_5_vl",
+               "text_config": text, "vision_config": vision,
+               "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if self.section.get(key) is not None:
+                cfg[key] = self.section[key]
+        return cfg
+
+
+def hf_config_for(model_cfg: Any) -> dict[str, Any]:
+    """``ModelFamily.hf_config_from_model``."""
+    return VLMProvider(model_cfg).hf_config()
