@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import loongforge_llm
 import pytest
 import torch
 from loongforge.model_provider import RunSettings
@@ -133,5 +136,6 @@ def test_parallel_layout_errors_are_explained(load_size):
 def test_every_family_has_mapping_rules(load_size):
     for f in FAMILIES.values():
         group = f.config_groups[0]
-        p = LLMProvider(load_size(group, f"{group}_tiny"))
+        tiny = next((Path(loongforge_llm.__file__).parent / "configs" / "models" / group).glob("*_tiny.yaml")).stem
+        p = LLMProvider(load_size(group, tiny))
         assert p.family is f and p.weight_mapping().rules

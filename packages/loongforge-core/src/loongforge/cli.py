@@ -85,6 +85,8 @@ def _launch(args, launch: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     child = ["--no-python", sys.executable, "-m", "loongforge.cli", "run", args.config, *args.overrides]
+    if not any(flag.split("=")[0] in ("--nnodes", "--master-addr", "--master-port") for flag in launch):
+        launch = ["--standalone", *launch]  # one node: rendezvous on a free port, not a fixed 29500
     torchrun([*launch, *child])
     return 0
 

@@ -24,9 +24,7 @@ def single_process_megatron(seed: int = 1234):
     backend = CpuBackend()
     owns_pg = not dist.is_initialized()
     if owns_pg:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         with backend.activate():
             parallel_state.initialize_model_parallel(1, 1)

@@ -53,18 +53,18 @@ def runtime(cfg, plugins):
     """Initialise distributed state for ``cfg`` (torchrun's env, or a world of one) and tear it down."""
     from megatron.core import parallel_state
 
-    from loongforge.testing import free_port
-
     backend = select_backend(plugins, cfg.backend)
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    launched = "RANK" in os.environ  # by torchrun; otherwise a world of one
+    if not launched:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     m = cfg.model
     layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
                              m.get("num_key_value_heads"))
     with backend.activate(local_rank):
-        dist.init_process_group(backend.collective_backend, rank=rank, world_size=world,
+        # a world of one rendezvous in memory: no port to race for with other runs on the machine
+        store = None if launched else dist.HashStore()
+        dist.init_process_group(backend.collective_backend, rank=rank, world_size=world, store=store,
                                 timeout=datetime.timedelta(minutes=10))
         try:
             pg = plugins.hook.loongforge_init_parallel(cfg=cfg, backend=backend)
