@@ -1,8 +1,9 @@
 """Shared helpers for the kernel tests.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before
-the kernels are decorated (i.e. before ``loongforge_kernels._triton`` is first imported); setting it
-here, at collection time, does that. It changes nothing for CPU code that does not use Triton.
+``triton`` is first imported. The repository's root conftest.py does that before any package's
+tests are collected (megatron.core imports triton); setting it here too covers running this
+directory with another rootdir. It changes nothing for CPU code that does not use Triton.
 """
 
 from __future__ import annotations
