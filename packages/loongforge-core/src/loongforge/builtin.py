@@ -18,7 +18,9 @@ def loongforge_register_backends():
 @hookimpl
 def loongforge_register_tasks():
     return [Task(name="pretrain", run="loongforge.trainer.loop:run_pretrain",
-                 description="pre-training / continued pre-training of a causal LM")]
+                 description="pre-training / continued pre-training of a causal LM"),
+            Task(name="sft", run="loongforge.trainer.sft:run_sft",
+                 description="supervised fine-tuning on conversations (chat templates, packing, LoRA)")]
 
 
 @hookimpl

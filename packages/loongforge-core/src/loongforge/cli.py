@@ -6,6 +6,8 @@
     loongforge data preprocess ...                                      jsonl/parquet -> indexed
     loongforge generate CHECKPOINT --prompt TEXT                        sample from a checkpoint
     loongforge convert NAME ARGS...                                     a registered checkpoint converter
+    loongforge data convert IN OUT --to messages|sharegpt|alpaca        conversation data formats
+    loongforge export-lora CKPT OUT [--merge]                           LoRA adapter in PEFT format
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ def cmd_data_preprocess(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from loongforge.data.convert import convert
+
+    n = convert(args.input, args.output, args.to, source_format=args.source_format)
+    print(f"wrote {n} conversations to {args.output} ({args.to})")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from loongforge.peft.export import export_lora
+
+    out = export_lora(args.checkpoint, args.output, merge=args.merge)
+    print(f"wrote {'merged HF weights' if args.merge else 'PEFT adapter'} to {out}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from loongforge.plugins import lookup
     from loongforge.registry import load_object
@@ -177,6 +195,19 @@ def _parser() -> argparse.ArgumentParser:
 
     add_preprocess_arguments(pre)
     pre.set_defaults(func=cmd_data_preprocess)
+    conv = data.add_parser("convert", help="convert conversation data between messages/sharegpt/alpaca")
+    conv.add_argument("input", help="a .jsonl/.json/.parquet file")
+    conv.add_argument("output", help="the output file (.jsonl or .parquet)")
+    conv.add_argument("--to", required=True, choices=["messages", "sharegpt", "alpaca"])
+    conv.add_argument("--from", dest="source_format", default="auto",
+                      choices=["auto", "messages", "sharegpt", "alpaca"])
+    conv.set_defaults(func=cmd_data_convert)
+
+    exp = sub.add_parser("export-lora", help="write a LoRA run's adapter in PEFT format (or merged HF weights)")
+    exp.add_argument("checkpoint", help="a checkpoint directory (or the run's checkpoints directory)")
+    exp.add_argument("output", help="output directory")
+    exp.add_argument("--merge", action="store_true", help="merge the adapters into the base weights (HF format)")
+    exp.set_defaults(func=cmd_export_lora)
     return parser
 
 

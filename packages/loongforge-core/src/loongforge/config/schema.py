@@ -99,6 +99,8 @@ class CheckpointConfig:
     #: load only the model weights from ``load`` (continued pre-training: new data, new schedule)
     weights_only: bool = False
     save_hf: bool = False
+    #: with save_hf: also export <dir>/hf_step_N every N steps (0: only the final <dir>/hf)
+    save_hf_interval: int = 0
 
 
 @dataclass
@@ -111,6 +113,38 @@ class LoggingConfig:
 @dataclass
 class KernelsConfig:
     disable: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``task: sft``); see ``loongforge.data.sft``."""
+
+    #: auto (per record) | messages | sharegpt | alpaca
+    format: str = "auto"
+    #: a built-in template name (chatml, plain), ``tokenizer`` (its own chat_template) or a Jinja string
+    chat_template: str = "chatml"
+    loss_on: str = "assistant"  # assistant | all
+    #: several conversations per sequence (document-aware attention with data.document_attention)
+    packing: bool = True
+    #: re-split each global batch over data-parallel ranks by estimated cost a*len + b*len^2
+    balance_dp: bool = True
+    cost_a: float = 1.0
+    #: None: 1 / (12 * hidden_size) (attention vs. matrix-product FLOPs per token)
+    cost_b: float | None = None
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: LoRA off
+    alpha: float = 16.0
+    dropout: float = 0.0
+    #: qkv, proj, fc1, fc2 (megatron's linear_qkv, linear_proj, linear_fc1, linear_fc2)
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+
+
+@dataclass
+class PeftConfig:
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -129,3 +163,5 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)

@@ -26,14 +26,15 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-#: A plain-text template for tokenizers without chat tokens; turns end with the EOS token.
+#: A plain-text template for tokenizers without chat tokens; turns end with the EOS token. The
+#: generation prompt stops before the space so that " word" tokens of the answer stay whole.
 PLAIN = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
     "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
     "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML, "plain": PLAIN}

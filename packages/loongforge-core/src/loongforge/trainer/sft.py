@@ -15,6 +15,7 @@ from __future__ import annotations
 from megatron.core import parallel_state
 
 from loongforge.trainer.loop import Trainer
+from loongforge.trainer.model import resolve_model_section
 from loongforge.trainer.runtime import runtime
 
 
@@ -92,6 +93,7 @@ class SFTTrainer(Trainer):
 
 def run_sft(cfg, plugins) -> dict:
     """The ``sft`` task."""
+    cfg = resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes validated first
     with runtime(cfg, plugins) as rt:
         trainer = SFTTrainer(cfg, rt)
         result = trainer.fit()
