@@ -55,9 +55,8 @@ def runtime(cfg, plugins):
 
     backend = select_backend(plugins, cfg.backend)
     launched = "RANK" in os.environ  # by torchrun; otherwise a world of one
-    if not launched:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world, local_rank = ((int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+                               if launched else (0, 1, 0))
     m = cfg.model
     layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
                              m.get("num_key_value_heads"))
