@@ -84,9 +84,9 @@ def converted(tmp_path_factory):
     return get
 
 
-def _our_logits(ckpt_root: Path, ids):
-    """(logits, vocab_size) of our GPTModel built and loaded from a native checkpoint (its
-    ``latest``) by the trainer's own code, at TP=PP=1."""
+def _our_logits(ckpt_root: Path, ids, step_dir: Path | None = None):
+    """(logits, vocab_size) of our GPTModel built and loaded from a native checkpoint
+    (``step_dir``, default: the root's ``latest``) by the trainer's own code, at TP=PP=1."""
     import torch
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import latest_checkpoint, load_checkpoint
@@ -101,7 +101,7 @@ def _our_logits(ckpt_root: Path, ids):
     with megatron_session() as backend:
         provider = model_provider(cfg, plugins)
         chunks = build_model_chunks(provider, run_settings(cfg), backend, plugins)
-        load_checkpoint(latest_checkpoint(ckpt_root), chunks, None, backend, load_rng=False)
+        load_checkpoint(step_dir or latest_checkpoint(ckpt_root), chunks, None, backend, load_rng=False)
         with torch.no_grad():
             out = chunks[0].eval()(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     return out, int(cfg.model.vocab_size)
@@ -110,3 +110,21 @@ def _our_logits(ckpt_root: Path, ids):
 @pytest.fixture
 def our_logits():
     return _our_logits
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    """The safetensors of HF directories ``a`` and ``b`` hold the same names, dtypes, shapes and bits."""
+    import torch
+
+    from loongforge_ckpt.safetensors_io import HFCheckpoint
+
+    ca, cb = HFCheckpoint(a), HFCheckpoint(b)
+    assert sorted(ca.names) == sorted(cb.names)
+    for n in ca.names:
+        ta, tb = ca.read(n), cb.read(n)
+        assert tb.dtype == ta.dtype and tb.shape == ta.shape and torch.equal(tb, ta), n
+
+
+@pytest.fixture
+def same_tensors():
+    return _assert_same_tensors

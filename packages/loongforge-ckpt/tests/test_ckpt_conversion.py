@@ -24,22 +24,8 @@ REL_TOL = 1e-5
 NAMES = ["llama2_tiny", "llama3_tiny", "qwen1.5_tiny", "qwen2_tiny", "qwen2.5_tiny", "qwen3_tiny"]
 
 
-def tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from loongforge_ckpt.safetensors_io import HFCheckpoint
-
-    ckpt = HFCheckpoint(hf_dir)
-    return {n: ckpt.read(n) for n in ckpt.names}
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
-    assert sorted(ta) == sorted(tb)
-    for n, t in ta.items():
-        assert tb[n].dtype == t.dtype and tb[n].shape == t.shape and torch.equal(tb[n], t), n
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_round_trip_is_bit_identical(converted, name):
+def test_round_trip_is_bit_identical(converted, same_tensors, name):
     c = converted(name)
     assert (c["ckpt"] / "latest").read_text() == "step_00000000"
     state = json.loads((c["ckpt"] / "step_00000000" / "trainer_state.json").read_text())
@@ -47,7 +33,7 @@ def test_round_trip_is_bit_identical(converted, name):
     assert (c["ckpt"] / "config.yaml").is_file()
     shards = sorted(p.name for p in c["back"].glob("*.safetensors"))
     assert len(shards) > 1 and (c["back"] / "model.safetensors.index.json").is_file(), shards
-    assert_same_tensors(c["hf"], c["back"])
+    same_tensors(c["hf"], c["back"])
 
     import transformers
 
@@ -79,7 +65,7 @@ def test_logits_match_hf_at_tp1(converted, our_logits, name):
 
 
 @pytest.mark.slow
-def test_logits_under_tp2_and_pp2_and_resaved_layouts_convert_back(converted, tmp_path):
+def test_logits_under_tp2_and_pp2_and_resaved_layouts_convert_back(converted, same_tensors, tmp_path):
     """One torchrun launch, 2 CPU processes: llama2 (untied) and qwen3 (tied) at TP=2 and PP=2."""
     from loongforge.testing import free_port
 
@@ -109,5 +95,5 @@ def test_logits_under_tp2_and_pp2_and_resaved_layouts_convert_back(converted, tm
     for case in cases:
         out = tmp_path / f"{Path(case['resave']).name}_hf"
         convert_mcore_to_hf(case["resave"], out, max_shard_size="1MB", log=lambda *_: None)
-        assert_same_tensors(converted(case["name"])["hf"], out)
+        same_tensors(converted(case["name"])["hf"], out)
 

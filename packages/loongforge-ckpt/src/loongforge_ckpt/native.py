@@ -315,7 +315,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
     root = path if (path / CONFIG_FILE).is_file() else path.parent
     if not (root / CONFIG_FILE).is_file():
         raise ConversionError(f"{path}: no {CONFIG_FILE} here or in its parent; pass a run's checkpoint directory")
-    if (path / TRAINER_STATE).is_file():
+    if path != root:  # one step directory: it must be complete (a killed save leaves step_N.tmp)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConversionError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}; an interrupted save?)")
         step = path
     else:
         pointer = root / LATEST

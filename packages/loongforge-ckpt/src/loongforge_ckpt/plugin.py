@@ -2,7 +2,8 @@
 
 * ``loongforge convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp M]``
 * ``loongforge convert mcore-to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]``
-* ``checkpoint.save_hf=true`` in a run: after the final checkpoint, ``<checkpoint dir>/hf/``.
+* ``checkpoint.save_hf=true`` in a run: after the final checkpoint, ``<checkpoint dir>/hf/``
+  (and ``hf_step_N/`` every ``checkpoint.save_hf_interval`` steps).
 
 Importing this module imports no torch.
 """
@@ -27,10 +28,19 @@ def loongforge_register_checkpoint_converters():
 
 @hookimpl
 def loongforge_on_checkpoint_save(trainer, step, path):
-    """``checkpoint.save_hf=true``: export the final checkpoint as ``<checkpoint dir>/hf/``."""
+    """``checkpoint.save_hf=true``: export the final checkpoint as ``<checkpoint dir>/hf/`` and,
+    with ``checkpoint.save_hf_interval=N``, each checkpoint saved at a multiple of N steps as
+    ``<checkpoint dir>/hf_step_<N>/``."""
     checkpoint = trainer.cfg.checkpoint
-    if not checkpoint.get("save_hf", False) or step < trainer.cfg.train.steps:
+    if not checkpoint.get("save_hf", False):
+        return
+    interval = checkpoint.get("save_hf_interval", 0) or 0
+    if step >= trainer.cfg.train.steps:
+        name = "hf"
+    elif interval and step % interval == 0:
+        name = f"hf_step_{step:08d}"
+    else:
         return
     from loongforge_ckpt.save_hf import export_hf_after_save
 
-    export_hf_after_save(trainer, path)
+    export_hf_after_save(trainer, path, name)

@@ -116,12 +116,13 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise ConversionError(
                 f"{file}: tensor {name!r} has {end - begin} bytes of data but shape {shape} {meta['dtype']} needs {expected}"
             )
-        if data_start + end > size:
-            raise ConversionError(
-                f"{file} is truncated: tensor {name!r} needs bytes {data_start + begin}..{data_start + end} "
-                f"but the file has only {size} bytes"
-            )
         out[name] = TensorInfo(name, file, dtype, shape, data_start + begin, data_start + end)
+    cut = [info for info in out.values() if info.end > size]
+    if cut:
+        first = min(cut, key=lambda info: info.begin)  # the tensor the file ends inside (or before)
+        more = f" (and {len(cut) - 1} later tensor(s))" if len(cut) > 1 else ""
+        raise ConversionError(f"{file} is truncated: tensor {first.name!r} needs bytes {first.begin}..{first.end} "
+                              f"but the file has only {size} bytes{more}")
     return out
 
 

@@ -1,4 +1,5 @@
-"""``checkpoint.save_hf=true``: the final native checkpoint exported as ``<checkpoint dir>/hf/``.
+"""``checkpoint.save_hf=true``: the final native checkpoint exported as ``<checkpoint dir>/hf/``
+(and, with ``checkpoint.save_hf_interval=N``, those saved at multiples of N as ``hf_step_N/``).
 
 Rank 0 runs ``mcore-to-hf`` in a child process (``python -m loongforge_ckpt mcore-to-hf``), so the
 training process's torch.distributed and megatron-core parallel state are untouched and the
@@ -26,20 +27,17 @@ class SaveHFError(LoongForgeError, RuntimeError):
     """The HF export of a checkpoint failed; the message carries the converter's output."""
 
 
-def hf_dir(trainer) -> Path:
-    return Path(trainer.ckpt_dir) / "hf"
-
-
 def export_command(checkpoint: str | os.PathLike, out: str | os.PathLike) -> list[str]:
     return [sys.executable, "-m", "loongforge_ckpt", "mcore-to-hf", str(checkpoint), str(out), "--force"]
 
 
-def export_hf_after_save(trainer, path: str) -> None:
+def export_hf_after_save(trainer, path: str, name: str = "hf") -> None:
+    """Export checkpoint ``path`` as ``<checkpoint dir>/<name>/``; every rank calls this."""
     import torch.distributed as dist
 
     error = None
     if trainer.rt.is_main:
-        out = hf_dir(trainer)
+        out = Path(trainer.ckpt_dir) / name
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
         result = subprocess.run(export_command(path, out), capture_output=True, text=True, env=env)
         if result.returncode == 0:
