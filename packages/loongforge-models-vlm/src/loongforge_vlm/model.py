@@ -62,6 +62,7 @@ class VLMModel(MegatronModule):
         self.image_projector = image_projector
         self.image_token_id = image_token_id
         self.mrope = mrope
+        self.model_type = language_model.model_type  # read by megatron-core's schedules
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights

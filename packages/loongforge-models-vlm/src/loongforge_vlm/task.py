@@ -1,0 +1,99 @@
+"""The ``vlm_sft`` task: the core's training loop on multimodal conversations.
+
+Only what is multimodal differs from ``loongforge.trainer.loop.Trainer``: the dataset
+(:mod:`loongforge_vlm.data.conversations`, image preprocessing per encoder), the collation of
+variable-size images, the image inputs passed to the model's forward, and the image token id,
+which the model takes from the tokenizer unless ``model.image_token_id`` sets it. Everything else
+(parallel layout, optimizer, schedule, checkpoints, metrics, lifecycle hooks) is the core's.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from megatron.core import parallel_state
+
+from loongforge.config import ConfigError
+from loongforge.trainer.batches import masked_token_loss, model_inputs
+from loongforge.trainer.loop import Trainer
+from loongforge.trainer.runtime import runtime
+
+BUILTIN_SHAPES = "builtin:shapes"
+
+
+class VLMTrainer(Trainer):
+    def build_datasets(self):
+        from loongforge_vlm.data.conversations import VLMConversationDataset
+        from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
+
+        cfg, provider = self.cfg, self.provider
+        if cfg.parallel.cp > 1:
+            raise ConfigError("config key 'parallel.cp': context parallelism is not supported by vlm_sft yet")
+        layout = provider.layout
+        if provider.image_token_id is None:
+            provider.image_token_id = self.tokenizer.convert_tokens_to_ids(layout.image_token)
+        processor = Qwen2_5ImageProcessor.from_encoder_section(provider.encoder_cfg)
+        make = functools.partial(
+            VLMConversationDataset, tokenizer=self.tokenizer, processor=processor, seq_length=cfg.train.seq_length,
+            image_token=layout.image_token, vision_start=layout.vision_start_token, vision_end=layout.vision_end_token,
+            chat_template=cfg.sft.chat_template, loss_on=cfg.sft.loss_on, on_error=cfg.data.on_error)
+        train = make(self._paths(cfg.data.paths))
+        valid = make(self._paths(cfg.data.valid_paths)) if cfg.data.valid_paths else None
+        self.data_stats = train.stats
+        if self.rt.is_main:
+            print(f"vlm data: {train.stats.summary()}", flush=True)
+            for err in train.stats.errors[:5]:
+                print(f"  skipped {err}", flush=True)
+        return train, valid
+
+    def _paths(self, paths) -> list[Path]:
+        from loongforge.data.sft import resolve_chat_path
+
+        from loongforge_vlm.data.shapes import write_shapes
+
+        out = []
+        for p in paths:
+            if p == BUILTIN_SHAPES:
+                import torch.distributed as dist
+
+                if self.rt.is_main:
+                    write_shapes(Path(self.cfg.output_dir) / "shapes")
+                dist.barrier()
+                out.append(Path(self.cfg.output_dir) / "shapes" / "shapes.jsonl")
+            else:
+                out += resolve_chat_path(p)
+        return out
+
+    def _batches(self, dataset, consumed_samples: int):
+        from torch.utils.data import DataLoader
+
+        from loongforge.data.sampler import PretrainingSampler
+
+        from loongforge_vlm.data.conversations import collate
+
+        sampler = PretrainingSampler(
+            len(dataset), micro_batch_size=self.cfg.train.micro_batch_size,
+            global_batch_size=self.cfg.train.global_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
+            consumed_samples=consumed_samples, seed=self.cfg.seed,
+        )
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = self.rt.backend.device()
+        inputs = model_inputs(batch, device, document_attention=False)
+        for key in ("pixel_values", "image_grid_thw", "mrope_position_ids"):
+            inputs[key] = batch[key].to(device)
+        output = model(**inputs)
+        return output, functools.partial(masked_token_loss, batch["loss_mask"])
+
+
+def run_vlm_sft(cfg, plugins) -> dict:
+    """The ``vlm_sft`` task."""
+    with runtime(cfg, plugins) as rt:
+        trainer = VLMTrainer(cfg, rt)
+        result = trainer.fit()
+        result["data_stats"] = trainer.data_stats
+        return result
