@@ -1,4 +1,6 @@
-"""The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker."""
+"""The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
+the fast layer: SDPA with the kernel measured fastest per shape, plus the registered fused kernels
+(RMSNorm, SwiGLU, RoPE, LM-head cross-entropy) minus ``kernels.disable``."""
 
 from __future__ import annotations
 
@@ -21,6 +23,40 @@ class CudaBackend(Backend):
     name = "cuda"
     collective_backend = "nccl"
 
+    def __init__(self):
+        #: ``{op: Kernel}`` in use; empty until :meth:`configure_kernels`
+        self.kernels: dict = {}
+
+    def configure_kernels(self, kernels, disable=()) -> None:
+        """Use the registered ``kernels`` (``loongforge.registry.Kernel`` records) except those
+        named in ``disable`` (config key ``kernels.disable``: kernel or operator names)."""
+        from loongforge_cuda.kernels import select_kernels
+
+        self.kernels = select_kernels(kernels, disable, device_type="cuda")
+
+    def kernel(self, op: str):
+        """The callable of the active kernel for ``op``, or ``None``."""
+        from loongforge_cuda.kernels import resolve
+
+        return resolve(self.kernels, op)
+
+    def layer_spec(self, config, model_cfg):
+        """The local spec with measured SDPA core attention and the active fused modules."""
+        from loongforge.modules.layer_spec import local_sdpa_spec
+
+        from loongforge_cuda.attention import MeasuredSDPAttention
+        from loongforge_cuda.modules import apply_kernels
+
+        spec = local_sdpa_spec(config, core_attention=MeasuredSDPAttention)
+        return apply_kernels(spec, {op: self.kernel(op) for op in ("rmsnorm", "swiglu") if op in self.kernels})
+
+    def output_processor(self, config):
+        """A ``GPTModel.forward`` ``output_processor`` with the fused LM-head loss, or ``None``."""
+        from loongforge_cuda.modules import fused_ce_output_processor
+
+        ce = self.kernel("fused_linear_cross_entropy")
+        return None if ce is None else fused_ce_output_processor(ce)
+
     def is_available(self) -> bool:
         return torch.cuda.is_available()
 
@@ -29,8 +65,11 @@ class CudaBackend(Backend):
 
     @contextlib.contextmanager
     def activate(self, local_rank: int = 0):
+        from loongforge_cuda.modules import rope_patch
+
         torch.cuda.set_device(local_rank)
-        yield self
+        with rope_patch(lambda: self.kernel("rope") if "rope" in self.kernels else None):
+            yield self
 
     def manual_seed(self, seed: int) -> None:
         from megatron.core import tensor_parallel

@@ -1,0 +1,262 @@
+"""One training step (forward, backward, AdamW) on one GPU: LoongForge vs HF Transformers, side by side.
+
+    PYTHONPATH=$(ls -d packages/*/src | tr '\\n' :) python bench/llm_step.py                # Llama-3.2-1B, seq 4096
+    ... python bench/llm_step.py --model qwen3/qwen3_4b --rows ours,hf --mbs 1
+    ... python bench/llm_step.py --rows ours,ours:nokernels,ours:mbs=4,hf
+
+Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
+
+- ``ours``: the LLM provider's megatron-core ``GPTModel`` with the CUDA backend's layer spec (SDPA
+  kernel measured per shape, Triton RMSNorm/SwiGLU/RoPE) and the chunked LM-head cross-entropy,
+  megatron-core DDP and optimizer (fp32 master weights, torch's fused AdamW). Options:
+  ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
+  ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradfp32`` (fp32 gradient buffer),
+  ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
+  instead of the fused one), ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel).
+- ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
+  ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
+
+Each row draws fresh random tokens every step, runs ``--warmup`` steps, then times ``--steps``
+steps with CUDA events and reports the median. MFU = tokens/s x FLOPs/token / 989e12 with
+FLOPs/token = 6 N + 6 L H S (N: parameters, embeddings tied counted once; L layers, H hidden size,
+S sequence length: causal attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+PEAK = 989e12
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "packages/loongforge-models-llm/src/loongforge_llm/configs/models"
+
+
+def model_section(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+def parse_row(spec: str) -> tuple[str, dict]:
+    kind, *opts = spec.split(":")
+    out = {}
+    for o in opts:
+        key, _, value = o.partition("=")
+        out[key] = value if value else True
+    return kind, out
+
+
+def flops_per_token(provider, seq: int) -> float:
+    a = provider.args
+    return 6 * provider.num_parameters() + 6 * a.num_hidden_layers * a.hidden_size * seq
+
+
+def time_steps(step, warmup: int, steps: int) -> dict:
+    """Run ``step()`` (returns (loss, mid_event or None)); median ms per step and per phase."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    totals, fwdbwd, losses = [], [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss, mid = step()
+        end.record()
+        torch.cuda.synchronize()
+        totals.append(start.elapsed_time(end))
+        if mid is not None:
+            fwdbwd.append(start.elapsed_time(mid))
+        losses.append(float(loss))
+    return {
+        "ms": statistics.median(totals),
+        "ms_spread": (min(totals), max(totals)),
+        "fwdbwd_ms": statistics.median(fwdbwd) if fwdbwd else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": (losses[0], losses[-1]),
+    }
+
+
+# --- ours ---------------------------------------------------------------------------------------
+
+
+def _init_megatron():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def row_ours(section: dict, args, opts: dict) -> dict:
+    from loongforge.model_provider import RunSettings
+    from loongforge_cuda.attention import ENV_FORCE, MeasuredSDPAttention
+    from loongforge_cuda.backend import CudaBackend
+    from loongforge_kernels.plugin import KERNELS
+    from loongforge_llm.provider import LLMProvider
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
+    if opts.get("sdpa"):
+        os.environ[ENV_FORCE] = opts["sdpa"]
+    else:
+        os.environ.pop(ENV_FORCE, None)
+    _init_megatron()
+    backend = CudaBackend()
+    nokernels = bool(opts.get("nokernels"))
+    if not nokernels:
+        disable = [d for d in str(opts.get("disable", "")).split("+") if d]
+        backend.configure_kernels(KERNELS, disable)
+    provider = LLMProvider(section)
+    run = RunSettings(bf16=True, seq_length=seq)
+    with backend.activate(0):
+        torch.manual_seed(0)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        config = provider.transformer_config(run)
+        if nokernels:  # the plain local spec, torch's SDPA choice: the "no fusions" reference
+            from loongforge.modules.layer_spec import local_sdpa_spec
+
+            backend.layer_spec = lambda config, model_cfg: local_sdpa_spec(config)
+        model = provider.build(config, run, backend=backend).cuda()
+        model = Float16Module(config, model)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=bool(opts.get("gradfp32")), overlap_grad_reduce=False,
+            use_distributed_optimizer=bool(opts.get("distopt")))
+        model = DistributedDataParallel(config, ddp_cfg, model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
+            bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=bool(opts.get("distopt"))),
+            [model])
+        if not opts.get("foreach"):
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+                for group in opt.optimizer.param_groups:
+                    group["fused"], group["foreach"] = True, False
+        processor = None if nokernels else backend.output_processor(config)
+        vocab = provider.args.vocab_size
+
+        def step():
+            tokens = torch.randint(0, vocab, (mbs, seq + 1), device="cuda")
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            kwargs = {"labels": tokens[:, 1:]}
+            if processor is not None:
+                kwargs["output_processor"] = processor
+            per_token = model(tokens[:, :-1], None, None, **kwargs)
+            loss = per_token.float().mean()
+            loss.backward()
+            model.finish_grad_sync()
+            mid = torch.cuda.Event(enable_timing=True)
+            mid.record()
+            ok, _, _ = optimizer.step()
+            assert ok, "optimizer step skipped"
+            return loss.detach(), mid
+
+        result = time_steps(step, args.warmup, args.steps)
+        result["sdpa"] = {str(k[0]): (v, MeasuredSDPAttention.reports.get(k)) for k, v in MeasuredSDPAttention.choices.items()}
+        del model, optimizer
+    result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    return result
+
+
+# --- HF Transformers ----------------------------------------------------------------------------
+
+
+def row_hf(section: dict, args, opts: dict) -> dict:
+    import transformers
+    from loongforge_llm.provider import LLMProvider
+
+    mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
+    provider = LLMProvider(section)
+    cfg = provider.hf_config()
+    hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16).cuda()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    vocab = provider.args.vocab_size
+
+    def step():
+        tokens = torch.randint(0, vocab, (mbs, seq), device="cuda")
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts the labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mid = torch.cuda.Event(enable_timing=True)
+        mid.record()
+        optimizer.step()
+        return loss.detach(), mid
+
+    result = time_steps(step, args.warmup, args.steps)
+    del model, optimizer
+    result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    return result
+
+
+ROWS = {"ours": row_ours, "hf": row_hf}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3/llama3.2_1b", help="configs/models/<family>/<name>")
+    parser.add_argument("--rows", default="ours,hf")
+    parser.add_argument("--mbs", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    section = model_section(args.model)
+    results = []
+    for spec in args.rows.split(","):
+        kind, opts = parse_row(spec)
+        t0 = time.time()
+        try:
+            r = ROWS[kind](section, args, opts)
+            r["row"] = spec
+            r["wall_s"] = time.time() - t0
+            r["tok_s"] = r["tokens"] / (r["ms"] / 1e3)
+            r["tflops"] = r["tok_s"] * r["flops_token"] / 1e12
+            r["mfu"] = r["tflops"] * 1e12 / PEAK
+            print(f"[{spec}] {json.dumps(r, default=str)}", flush=True)
+        except Exception as exc:  # a row that fails (OOM, missing kernel) must not hide the others
+            traceback.print_exc()
+            r = {"row": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            print(f"[{spec}] FAILED {r['error']}", flush=True)
+        results.append(r)
+        gc.collect()
+        torch.cuda.empty_cache()
+    fpt = next((r["flops_token"] for r in results if "flops_token" in r), 0.0)
+    print(f"\n{args.model}, seq {args.seq}, bf16, {torch.cuda.get_device_name()}; "
+          f"MFU = tok/s x {fpt / 1e9:.3f} GFLOP/token (6N + 6LHS) / 989 TFLOP/s; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'row':32} {'mbs':>3} {'ms/step':>9} {'fwd+bwd':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  loss")
+    for r in results:
+        if "error" in r:
+            print(f"{r['row']:32} FAILED: {r['error']}")
+            continue
+        fb = f"{r['fwdbwd_ms']:.1f}" if r.get("fwdbwd_ms") else "-"
+        print(f"{r['row']:32} {r['mbs']:>3} {r['ms']:>9.1f} {fb:>8} {r['tok_s']:>9,.0f} {r['tflops']:>8.1f} "
+              f"{100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}  {r['loss'][0]:.3f}->{r['loss'][1]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The CUDA backend's choices, on CPU: which kernels run (``kernels.disable``), which SDPA kernel
+wins, and that the fused layer spec computes the same model as the plain local spec.
+
+The model test runs the Triton kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set
+by the repository's root conftest before triton is imported) through the layer spec, the RoPE
+patch and the LM-head output processor, against megatron-core's own modules, in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from loongforge.config import ConfigError
+from loongforge.registry import Kernel
+from loongforge_cuda import modules
+from loongforge_cuda.attention import choose_fastest
+from loongforge_cuda.backend import CudaBackend
+from loongforge_cuda.kernels import select_kernels
+from loongforge_kernels.plugin import KERNELS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "loongforge-models-llm/src/loongforge_llm/configs/models"
+
+
+def _k(name, op, devices=("cuda",)):
+    return Kernel(name=name, op=op, impl="math:sqrt", reference="math:sqrt", device_types=devices)
+
+
+def test_select_kernels_disable_by_name_or_op():
+    ks = [_k("a_norm", "rmsnorm"), _k("b_norm", "rmsnorm"), _k("glu", "swiglu"), _k("x", "rope", ("xpu",))]
+    assert {op: k.name for op, k in select_kernels(ks).items()} == {"rmsnorm": "a_norm", "swiglu": "glu"}
+    assert {op: k.name for op, k in select_kernels(ks, ["a_norm"]).items()} == {"rmsnorm": "b_norm", "swiglu": "glu"}
+    assert set(select_kernels(ks, ["rmsnorm", "swiglu"])) == set()
+    assert set(select_kernels(ks, device_type="xpu")) == {"rope"}
+
+
+def test_unknown_disable_entry_names_the_config_key():
+    with pytest.raises(ConfigError, match=r"kernels\.disable.*'rms_norm'"):
+        select_kernels(KERNELS, ["rms_norm"])
+
+
+def test_registered_kernels_cover_the_backend_ops():
+    backend = CudaBackend()
+    backend.configure_kernels(KERNELS, ["triton_swiglu"])
+    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "fused_linear_cross_entropy"}
+    assert backend.kernel("swiglu") is None
+    from loongforge_kernels.rmsnorm import rms_norm
+
+    assert backend.kernel("rmsnorm") is rms_norm
+
+
+def test_choose_fastest_skips_unsupported_and_keeps_first_of_ties():
+    times = {"cudnn": 2.0, "flash": 1.0, "efficient": 1.0}
+
+    def time_fn(c):
+        if c == "math":
+            raise RuntimeError("No available kernel.\nmore")
+        return times[c]
+
+    best, report = choose_fastest(["cudnn", "math", "flash", "efficient"], time_fn)
+    assert best == "flash"
+    assert report["math"].startswith("unsupported: No available kernel.")
+    assert report["cudnn"] == 2.0
+    best, report = choose_fastest(["math"], time_fn)
+    assert best is None and set(report) == {"math"}
+
+
+def test_rope_patch_is_undone():
+    from megatron.core.transformer import attention as mattn
+
+    original = mattn.apply_rotary_pos_emb
+    with modules.rope_patch(lambda: None):
+        assert mattn.apply_rotary_pos_emb is not original
+        with modules.rope_patch(lambda: None):  # nested: no second layer
+            inner = mattn.apply_rotary_pos_emb
+        assert mattn.apply_rotary_pos_emb is inner
+    assert mattn.apply_rotary_pos_emb is original
+
+
+def _tiny(name="llama3/llama3_tiny"):
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def mcore():
+    from loongforge.testing import single_process_megatron
+
+    with single_process_megatron() as backend:
+        yield backend
+
+
+def _build(provider, backend, run):
+    config = provider.transformer_config(run)
+    torch.manual_seed(0)
+    return provider.build(config, run, backend=backend), config
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's CPU interpreter")
+@pytest.mark.parametrize("name", ["llama3/llama3_tiny", "qwen3/qwen3_tiny"])
+def test_fused_spec_matches_local_spec(mcore, monkeypatch, name):
+    """Same weights, same tokens: loss and every gradient agree with megatron's own modules (fp32)."""
+    from loongforge.model_provider import RunSettings
+    from loongforge_llm.provider import LLMProvider
+
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")  # run the Triton kernels (interpreted)
+    provider = LLMProvider(_tiny(name))
+    run = RunSettings(seq_length=16)
+    plain, _ = _build(provider, mcore, run)
+    cuda = CudaBackend()
+    cuda.configure_kernels(KERNELS)
+    fused, config = _build(provider, cuda, run)
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert {"FusedRMSNorm", "FusedSwiGLUMLP", "MeasuredSDPAttention"} <= kinds
+    fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, provider.args.vocab_size, (2, 17), generator=g)
+    calls = []
+    rope = cuda.kernel("rope")
+    with modules.rope_patch(lambda: (lambda *a: calls.append(1) or rope(*a))):
+        loss_fused = fused(tokens[:, :-1], None, None, labels=tokens[:, 1:],
+                           output_processor=cuda.output_processor(config))
+    loss_plain = plain(tokens[:, :-1], None, None, labels=tokens[:, 1:])
+    assert calls, "the fused RoPE did not run"
+    assert loss_fused.shape == loss_plain.shape == (2, 16)
+    torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-5, atol=1e-5)
+    weights = torch.rand(loss_plain.shape, generator=g)  # a non-uniform upstream gradient
+    (loss_fused * weights).sum().backward()
+    (loss_plain * weights).sum().backward()
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        rel = (p.grad - q.grad).norm() / q.grad.norm()
+        assert rel < 1e-5, f"{name}: grad of {n} differs, rel err {rel:.2e}"
+
+
+def test_disabled_kernels_leave_megatron_modules(mcore):
+    from loongforge.model_provider import RunSettings
+    from loongforge_llm.provider import LLMProvider
+
+    provider = LLMProvider(_tiny())
+    cuda = CudaBackend()
+    cuda.configure_kernels(KERNELS, ["rmsnorm", "swiglu", "fused_linear_cross_entropy"])
+    model, config = _build(provider, cuda, RunSettings(seq_length=16))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "FusedRMSNorm" not in kinds and "FusedSwiGLUMLP" not in kinds and "RMSNorm" in kinds
+    assert cuda.output_processor(config) is None
