@@ -84,7 +84,7 @@ def converted(tmp_path_factory):
     return get
 
 
-def _our_logits(ckpt_root: Path, ids, step_dir: Path | None = None):
+def _our_logits(ckpt_root: Path, ids, step_dir: Path | None = None, plugins=None):
     """(logits, vocab_size) of our GPTModel built and loaded from a native checkpoint
     (``step_dir``, default: the root's ``latest``) by the trainer's own code, at TP=PP=1."""
     import torch
@@ -97,7 +97,7 @@ def _our_logits(ckpt_root: Path, ids, step_dir: Path | None = None):
 
     cfg = OmegaConf.load(ckpt_root / "config.yaml")
     cfg.parallel.tp = cfg.parallel.pp = 1
-    plugins = get_plugin_manager()
+    plugins = plugins or get_plugin_manager()
     with megatron_session() as backend:
         provider = model_provider(cfg, plugins)
         chunks = build_model_chunks(provider, run_settings(cfg), backend, plugins)

@@ -45,6 +45,25 @@ def test_round_trip_is_bit_identical(converted, same_tensors, name):
         assert back.get(key) == orig.get(key), key
 
 
+def test_bf16_round_trip_keeps_dtype_and_bits(converted, same_tensors, tmp_path):
+    """A bf16 checkpoint stays bf16 in ours (no fp32 detour) and comes back bit for bit."""
+    import copy
+
+    import transformers
+
+    from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
+    from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
+    from loongforge_ckpt.native import stored_dtypes
+
+    model = copy.deepcopy(converted("qwen3_tiny")["model"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    step = convert_hf_to_mcore(tmp_path / "hf", tmp_path / "ckpt", log=lambda *_: None)
+    assert set(stored_dtypes(step).values()) == {torch.bfloat16}
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", log=lambda *_: None)
+    same_tensors(tmp_path / "hf", tmp_path / "back")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "back").dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_at_tp1(converted, our_logits, name):
     c = converted(name)

@@ -89,8 +89,9 @@ def _plan_reads(mapping, params: dict, ckpt, tied: bool, allow_unmapped: bool) -
 
 
 def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: bool = False,
-                        allow_unmapped: bool = False, log=print) -> Path:
-    """Convert; returns the step directory written."""
+                        allow_unmapped: bool = False, log=print, plugins=None) -> Path:
+    """Convert; returns the step directory written. ``plugins``: the plugin manager whose model
+    families are used (default: the process-wide one)."""
     import torch
     from loongforge.config.compose import validate
     from loongforge.model_provider import RunSettings
@@ -108,8 +109,8 @@ def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: boo
         hf_cfg = json.loads(config_file.read_text())
     except ValueError as exc:
         raise ConversionError(f"{config_file}: not JSON ({exc})") from None
-    section = native.section_from_hf_config(hf_cfg, str(config_file))
-    provider = native.provider_for(section)
+    section = native.section_from_hf_config(hf_cfg, str(config_file), plugins)
+    provider = native.provider_for(section, plugins)
     check_layout(provider, section, tp, pp)
     ckpt = HFCheckpoint(hf_dir)
     if (out_dir / native.LATEST).exists() and not force:
@@ -121,7 +122,7 @@ def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: boo
         run = RunSettings(make_vocab_size_divisible_by=RunSettings().make_vocab_size_divisible_by * tp)
         model = native.meta_model(provider, run, backend)
         params = dict(model.named_parameters())
-        mapping = provider.weight_mapping(run).matching(params)
+        mapping = native.weight_mapping(provider, model)
         tied = bool(section.get("tie_word_embeddings", False))
         reads = _plan_reads(mapping, params, ckpt, tied, allow_unmapped)
 

@@ -30,8 +30,9 @@ def _fmt(pattern: str, layer: int | None) -> str:
 
 
 def convert_mcore_to_hf(checkpoint, out_dir, *, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                        force: bool = False, log=print) -> Path:
-    """Convert; returns ``out_dir``."""
+                        force: bool = False, log=print, plugins=None) -> Path:
+    """Convert; returns ``out_dir``. ``plugins``: the plugin manager whose model families are
+    used (default: the process-wide one)."""
     import torch
     from loongforge.model_provider import RunSettings
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -49,7 +50,7 @@ def convert_mcore_to_hf(checkpoint, out_dir, *, max_shard_size: str | int = DEFA
     if "model" not in cfg:
         raise ConversionError(f"{root / native.CONFIG_FILE} has no model section")
     section = OmegaConf.to_container(cfg.model, resolve=True)
-    provider = native.provider_for(section)
+    provider = native.provider_for(section, plugins)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -59,8 +60,7 @@ def convert_mcore_to_hf(checkpoint, out_dir, *, max_shard_size: str | int = DEFA
         with native.megatron_session() as backend:
             run = RunSettings()
             model = native.meta_model(provider, run, backend)
-            params = dict(model.named_parameters())
-            mapping = provider.weight_mapping(run).matching(params)
+            mapping = native.weight_mapping(provider, model)
             sharded = model.sharded_state_dict()
             dtypes = native.stored_dtypes(step)
             paths = [p for p, v in sharded.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))]

@@ -89,39 +89,45 @@ def megatron_session():
 # --- model description -----------------------------------------------------------------------------
 
 
-def _plugins():
+def _plugins(plugins=None):
+    """``plugins`` or the process-wide plugin manager."""
+    if plugins is not None:
+        return plugins
     from loongforge.plugins import get_plugin_manager
 
     return get_plugin_manager()
 
 
-def family_record(family: str):
+def family_record(family: str, plugins=None):
     from loongforge.plugins import lookup
 
-    plugins = _plugins()
+    plugins = _plugins(plugins)
     return lookup(plugins.registry().models, family, "model family (config key 'model.family')", plugins.failures)
 
 
-def section_from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+def section_from_hf_config(hf: dict[str, Any], where: str, plugins=None) -> dict[str, Any]:
     """The ``model`` config section of an HF ``config.json`` (as ``model.pretrained`` reads it):
-    its keys plus ``family`` (from ``model_type``), normalised by the family's
-    ``model_cfg_from_hf_config`` when its provider module has one."""
+    its keys plus ``family`` (the registered family whose ``hf_model_types`` has its
+    ``model_type``), normalised by the family's ``model_cfg_from_hf_config`` when its provider
+    module has one."""
     import importlib
 
     model_type = hf.get("model_type")
-    matches = [n for n, rec in _plugins().registry().models.items() if model_type in rec.hf_model_types]
+    matches = [n for n, rec in _plugins(plugins).registry().models.items() if model_type in rec.hf_model_types]
     if not matches:
         raise ConversionError(f"{where}: no installed model family loads model_type {model_type!r}")
+    if len(matches) > 1:
+        raise ConversionError(f"{where}: model_type {model_type!r} is claimed by several families: {matches}")
     section = {k: v for k, v in hf.items() if not k.startswith("_")}
     section["family"] = matches[0]
-    builder_module = family_record(matches[0]).builder.partition(":")[0]
+    builder_module = family_record(matches[0], plugins).builder.partition(":")[0]
     normalise = getattr(importlib.import_module(builder_module), "model_cfg_from_hf_config", None)
     if normalise is not None:
         section = dict(normalise(section))
     return section
 
 
-def provider_for(section: dict[str, Any]):
+def provider_for(section: dict[str, Any], plugins=None):
     """The family's provider built from a ``model`` section."""
     from loongforge.registry import load_object
 
@@ -130,9 +136,15 @@ def provider_for(section: dict[str, Any]):
         raise ConversionError("the model section has no 'family'")
     section = {k: v for k, v in section.items() if k != "pretrained"}
     try:
-        return load_object(family_record(family).builder)(section)
+        return load_object(family_record(family, plugins).builder)(section)
     except ValueError as exc:  # the providers' config errors are ValueErrors naming the key
         raise ConversionError(str(exc)) from exc
+
+
+def weight_mapping(provider, model):
+    """The provider's HF mapping for ``model`` (built by :func:`meta_model`, which configured the
+    provider's run: vocabulary padding), with the parameter names that model uses."""
+    return provider.weight_mapping().matching(dict(model.named_parameters()))
 
 
 class _MetaDevices(TorchFunctionMode):
