@@ -120,3 +120,16 @@ def test_projector_size_mismatch_names_the_key(tiny_cfg):
     model.image_projector.hidden_size = 65
     with pytest.raises(ConfigError, match="model.image_projector.hidden_size"):
         VLMProvider(model)
+
+
+def test_hf_round_trip_bit_identical(mcore, tiny_cfg):
+    provider = VLMProvider(tiny_model_section(tiny_cfg))
+    hf = hf_reference(provider, seed=3)
+    run = RunSettings()
+    ours = provider.build(provider.transformer_config(run), run, backend=mcore)
+    sd = hf.state_dict()
+    provider.load_hf_weights(ours, sd.__getitem__)
+    back = provider.export_hf_weights(ours)
+    assert sorted(back) == sorted(sd)
+    for name, t in sd.items():
+        assert torch.equal(back[name], t), name

@@ -146,6 +146,15 @@ class VLMProvider:
             tensors = {n: get_hf_tensor(layout.vision_hf_name(f"{part}.{n}")) for n, _ in module.named_parameters()}
             load_into(module, tensors)
 
+    def export_hf_weights(self, chunk, run: RunSettings | None = None) -> dict[str, Any]:
+        """HF tensors (``model_type``'s layout) of a whole model built with tp=1, pp=1."""
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        out = {self.layout.llm_hf_name(k): v for k, v in self.llm.export_hf_weights(chunk.language_model, run).items()}
+        for ours, hf in self.hf_names(chunk).items():
+            out[hf] = chunk.get_parameter(ours).detach()
+        return out
+
     def hf_names(self, chunk) -> dict[str, str]:
         """Our vision parameter names -> HF names (for export and inspection)."""
         out = {}
