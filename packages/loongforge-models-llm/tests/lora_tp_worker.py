@@ -3,7 +3,8 @@
 Builds the test's model at TP=N from the HF weights, adds LoRA (B from the test's seeded full
 matrices, sharded like the weights), runs forward + backward of the summed per-token loss and
 writes (rank 0) ``OUT_DIR/tp2_sp{0,1}.safetensors``: the gathered logits, the loss and the LoRA
-gradients merged back to full matrices, without and with sequence parallelism."""
+gradients merged back to full matrices, without and with sequence parallelism; and the model's
+distributed checkpoint (``OUT_DIR/ckpt_tp2``) for the resharding check."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import sys
 import torch
 
 
-def run_once(provider, backend, weights: str, sequence_parallel: bool) -> dict[str, torch.Tensor]:
+def run_once(provider, backend, weights: str, out_dir: str, sequence_parallel: bool) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     from loongforge.model_provider import RunSettings
     from loongforge.peft.lora import apply_lora, lora_modules
     from loongforge.weight_mapping import safetensors_getter
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from test_lora_parity import ALPHA, RANK, batch, set_lora_b
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -35,6 +35,14 @@ def run_once(provider, backend, weights: str, sequence_parallel: bool) -> dict[s
         logits = gather_from_tensor_model_parallel_region(model(ids, pos, None))
     loss = model(ids, pos, None, labels=labels).sum()
     loss.backward()
+    if not sequence_parallel:  # a distributed checkpoint of the TP=2 adapters, loaded at TP=1 by the test
+        from megatron.core import dist_checkpointing
+
+        ckpt = os.path.join(out_dir, "ckpt_tp2")
+        if dist.get_rank() == 0:
+            os.makedirs(ckpt)
+        dist.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
     mapping = provider.weight_mapping(run)
     out = {"logits": logits, "loss": loss.detach().reshape(1)}
     for name, m in lora_modules(model).items():
@@ -60,12 +68,11 @@ def run_once(provider, backend, weights: str, sequence_parallel: bool) -> dict[s
 
 def main(weights: str, out_dir: str) -> None:
     import torch.distributed as dist
+    from loongforge.backends.cpu import CpuBackend
+    from loongforge_llm.provider import LLMProvider
     from megatron.core import parallel_state
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
-
-    from loongforge.backends.cpu import CpuBackend
-    from loongforge_llm.provider import LLMProvider
 
     sys.path.insert(0, os.path.dirname(__file__))
     from test_lora_parity import CONFIG
@@ -77,7 +84,7 @@ def main(weights: str, out_dir: str) -> None:
         backend.manual_seed(1234)
         provider = LLMProvider(OmegaConf.create(CONFIG))
         for sp in (False, True):
-            out = run_once(provider, backend, weights, sp)
+            out = run_once(provider, backend, weights, out_dir, sp)
             if dist.get_rank() == 0:
                 save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"tp2_sp{int(sp)}.safetensors"))
         parallel_state.destroy_model_parallel()

@@ -1,6 +1,7 @@
 """LoRA on megatron-core linears vs. HF + PEFT: the exported adapter (fused q/k/v and gate/up B
 matrices split, A copied per part) loaded with ``peft.PeftModel.from_pretrained`` gives our logits;
-merged export gives the same; TP=2 adapters give the TP=1 logits (two gloo processes)."""
+merged export gives the same; TP=2 adapters (with and without sequence parallelism) give the TP=1
+logits and gradients (two gloo processes), and their distributed checkpoint loads at TP=1."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def ours_from_hf(provider: LLMProvider, hf, backend, run: RunSettings | None = N
     provider.load_hf_weights(model, hf.state_dict().__getitem__)
     return model
 
+
 REL_TOL = 1e-5
 RANK, ALPHA = 4, 8.0
 
@@ -53,7 +55,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("group,name", [("qwen3", "qwen3_tiny"), ("qwen2", "qwen2_tiny")])
+@pytest.mark.parametrize("group,name", [("qwen3", "qwen3_tiny"), ("qwen2", "qwen2_tiny"), ("llama2", "llama2_tiny")])
 def test_peft_adapter_matches_ours(mcore, load_size, tmp_path, group, name):
     import peft
 
@@ -138,10 +140,9 @@ def set_lora_b(model, provider, run: RunSettings, tp_rank: int = 0):
 def test_tp2_matches_tp1(mcore, tmp_path):
     """LoRA at TP=2 (two gloo processes, without and with sequence parallelism): logits, loss and
     every adapter gradient equal TP=1's. The workers load the same HF weights from safetensors."""
+    from loongforge.testing import free_port
     from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
-
-    from loongforge.testing import free_port
 
     provider = LLMProvider(OmegaConf.create(CONFIG))
     hf = hf_model(provider)
@@ -177,3 +178,17 @@ def test_tp2_matches_tp1(mcore, tmp_path):
         print(f"TP=2 (sequence_parallel={sp}): worst adapter gradient rel err {worst:.2e} "
               f"over {2 * len(lora_modules(model))} tensors")
         assert worst < REL_TOL
+
+    # the TP=2 checkpoint (B of fused fc1 sharded as [gate_r; up_r] per rank) loads at TP=1 unchanged
+    from megatron.core import dist_checkpointing
+
+    fresh = ours_from_hf(provider, hf, mcore)
+    apply_lora(fresh, RANK, ALPHA, 0.0, ["qkv", "proj", "fc1", "fc2"], seed=1)
+    with torch.no_grad():
+        for m in lora_modules(fresh).values():
+            m.lora_A.zero_()
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path / "ckpt_tp2")))
+    for name, m in lora_modules(fresh).items():
+        ref = lora_modules(model)[name]
+        assert torch.equal(m.lora_A, ref.lora_A) and torch.equal(m.lora_B, ref.lora_B), name
+    print(f"TP=2 checkpoint -> TP=1: all {len(lora_modules(fresh))} adapters identical")

@@ -7,13 +7,17 @@ import json
 
 import numpy as np
 import pytest
-
-from loongforge.data.chat_templates import CHATML
 from loongforge.data.convert import convert, iter_records, to_messages
 from loongforge.data.errors import DataError
-from loongforge.data.sft import (BalancedSampler, ChatEncoder, SFTDataset, imbalance, pack_best_fit,
-                                 read_conversations)
 from loongforge.data.sampler import PretrainingSampler
+from loongforge.data.sft import (
+    BalancedSampler,
+    ChatEncoder,
+    SFTDataset,
+    imbalance,
+    pack_best_fit,
+    read_conversations,
+)
 from loongforge.data.tokenizer import load_tokenizer
 
 MESSAGES = [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from loongforge.data.packing import collate
 from loongforge.data.sft import ChatEncoder, SFTDataset, read_conversations
 from loongforge.data.tokenizer import load_tokenizer

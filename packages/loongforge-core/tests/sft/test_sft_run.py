@@ -1,24 +1,37 @@
-"""`loongforge run sft_demo` end to end: LoRA SFT on the shipped tiny chat set from an HF base model
-lowers the loss; `loongforge export-lora` writes a PEFT adapter that `peft` loads onto that base
+"""`loongforge run sft_demo` end to end (two data-parallel ranks): LoRA SFT on the shipped tiny chat
+set from an HF base model lowers the loss, reports truncation, packing, trainable parameters and the
+load balance; `loongforge export-lora` writes a PEFT adapter that `peft` loads onto that base
 model, giving the logits of the `--merge` export; `loongforge data convert` works from the CLI."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-
 from loongforge.testing import run_cli
 
 llm = pytest.importorskip("loongforge_llm")
 
 
+def lora_parameter_count(m: dict, rank: int) -> int:
+    """rank * (in + out) summed over every layer's qkv, proj, fc1 (gate+up) and fc2."""
+    h, i, hd = m["hidden_size"], m["intermediate_size"], m["head_dim"]
+    q, kv = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd
+    per_layer = (h + q + 2 * kv) + (q + h) + (h + 2 * i) + (i + h)
+    return rank * per_layer * m["num_hidden_layers"]
+
+
 def test_sft_lora_run_lowers_loss_and_exports(tmp_path):
+    """Two data-parallel ranks (load balancing on), LoRA from an HF base model, then export."""
     import peft
     import transformers
     import yaml
+    from loongforge.peft.export import export_lora
 
     size = Path(llm.__file__).parent / "configs/models/qwen3/qwen3_demo.yaml"
     fields = {k: v for k, v in yaml.safe_load(size.read_text()).items() if k != "family"}
@@ -27,22 +40,36 @@ def test_sft_lora_run_lowers_loss_and_exports(tmp_path):
     base.save_pretrained(tmp_path / "base", safe_serialization=True)
 
     out = tmp_path / "out"
-    result = run_cli("run", "sft_demo", f"output_dir={out}", f"model.pretrained={tmp_path / 'base'}",
-                     "train.steps=6", "train.seq_length=128", "logging.progress=false",
-                     "logging.tensorboard=false", "logging.loss_curve=false", cwd=tmp_path)
+    result = run_cli("run", "--nproc-per-node", "2", "sft_demo", f"output_dir={out}",
+                     f"model.pretrained={tmp_path / 'base'}", "train.steps=6", "train.seq_length=128",
+                     "train.micro_batch_size=2", "logging.progress=false", "logging.tensorboard=false",
+                     "logging.loss_curve=false", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    print(result.stdout[-1500:])
-    assert "truncated to seq_length" in result.stdout and "packing efficiency" in result.stdout
-    assert "LoRA rank 8 on 16 linears" in result.stdout and "trainable of" in result.stdout
+    log = result.stdout
+    print(log[-2500:])
+    # data report: truncation count and packing efficiency
+    data = re.search(r"(\d+) conversations -> (\d+) sequences; (\d+) truncated.*packing efficiency ([\d.]+)%", log)
+    assert data and int(data[3]) > 0 and float(data[4]) > 85.0
+    # LoRA: exactly the adapters are trainable, and the optimizer holds exactly them
+    n_lora = lora_parameter_count(fields, rank=8)
+    model = re.search(r"LoRA rank 8 on (\d+) linears\): ([\d,]+) trainable of ([\d,]+) parameters.*"
+                      r"optimizer over ([\d,]+) parameters", log)
+    assert model, log[-3000:]
+    assert int(model[1]) == 4 * fields["num_hidden_layers"]
+    assert int(model[2].replace(",", "")) == n_lora == int(model[4].replace(",", ""))
+    assert int(model[3].replace(",", "")) > 10 * n_lora
+    # data-parallel load balancing over the 2 ranks
+    balance = re.search(r"dp load balance: max/mean cost ([\d.]+) \(contiguous split\) -> ([\d.]+)", log)
+    assert balance and float(balance[2]) <= float(balance[1])
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     print("losses:", losses)
     assert losses[-1] < losses[0] - 0.1
 
     ckpts = out / "checkpoints"
-    r1 = run_cli("export-lora", str(ckpts), str(tmp_path / "adapter"), cwd=tmp_path)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_cli("export-lora", str(ckpts), str(tmp_path / "merged"), "--merge", cwd=tmp_path)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    r = run_cli("export-lora", str(ckpts), str(tmp_path / "adapter"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with mock.patch.dict(os.environ):  # the single-process runtime sets RANK, MASTER_PORT...
+        export_lora(str(ckpts), str(tmp_path / "merged"), merge=True)
     cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == str(tmp_path / "base")
 

@@ -22,8 +22,8 @@ Tensor parallelism (TP ranks ``r``):
   sequence under sequence parallelism, as the base output is).
 
 ``A`` is initialised (Kaiming-uniform, as PEFT does) from a generator seeded by the run seed and
-the module name, on the full matrix before sharding, so every TP layout starts from the same
-adapter; ``B`` starts at zero (the adapted model equals the base model at step 0).
+the module name (with its global layer index), on the full matrix before sharding, so every TP/PP
+layout starts from the same adapter; ``B`` starts at zero (the adapted model equals the base model at step 0).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class LoRAMixin:
         A, B = self.lora_A, self.lora_B
         x = x.to(A.dtype)
         if self.lora_dropout and self.training:
-            if self.lora_column:  # x is replicated over TP: the default generator agrees across ranks
-                x = F.dropout(x, self.lora_dropout)
-            else:
+            if self.lora_column and not self.sequence_parallel:
+                x = F.dropout(x, self.lora_dropout)  # x replicated over TP: the default generator agrees
+            else:  # x differs per TP rank (a hidden or sequence shard): per-rank streams, as megatron does
                 with tp.get_cuda_rng_tracker().fork():
                     x = F.dropout(x, self.lora_dropout)
         if self.lora_column:
@@ -77,7 +77,10 @@ class LoRAMixin:
         return delta
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -147,7 +150,7 @@ def apply_lora(chunk: torch.nn.Module, rank: int, alpha: float = 16.0, dropout: 
         out_local, in_local = weight.shape
         in_full = in_local if column else in_local * tp_size
         # full A from a generator of (seed, layer name): the same adapter under any TP layout
-        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(_canonical(name).encode())) % 2**63)
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(_seed_name(chunk, name).encode())) % 2**63)
         bound = 1.0 / math.sqrt(in_full)
         a_full = (torch.rand(rank, in_full, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         a = a_full if column else a_full.chunk(tp_size, dim=1)[tp_rank]
@@ -168,11 +171,19 @@ def apply_lora(chunk: torch.nn.Module, rank: int, alpha: float = 16.0, dropout: 
     return adapted
 
 
-def _canonical(name: str) -> str:
-    """Module name without wrapper prefixes (``module.``), so wrapped and bare chunks agree."""
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
+def _seed_name(chunk: torch.nn.Module, name: str) -> str:
+    """``name`` without wrapper prefixes (``module.``) and with the global layer index (megatron's
+    ``layer_number - 1``) in place of the chunk-local one, so every TP/PP layout seeds alike."""
+    parts = name.split(".")
+    for j in range(len(parts) - 1, 0, -1):
+        if parts[j - 1] == "layers" and parts[j].isdigit():
+            number = getattr(chunk.get_submodule(".".join(parts[: j + 1])), "layer_number", None)
+            if number is not None:
+                parts[j] = str(number - 1)
+            break
+    while parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, LoRAMixin]:

@@ -81,14 +81,14 @@ class SFTTrainer(Trainer):
         s = self.sft_stats
         print(f"sft data: {s.summary()}", flush=True)
         counts = trainable_summary(self.model)
-        bf16 = self.cfg.train.precision == "bf16"
-        # Adam: two fp32 moments per trainable parameter (+ an fp32 master copy under bf16)
-        opt_bytes = counts["trainable"] * (8 + (4 if bf16 else 0))
+        # what the optimizer really holds (its fp32 copies under bf16): the adapters only under LoRA
+        held = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        moments = held * 8  # Adam: two fp32 moments per parameter
         lora = self.cfg.peft.lora
         what = f"LoRA rank {lora.rank} on {len(self.lora_modules)} linears" if lora.rank > 0 else "full fine-tuning"
         print(f"sft model ({what}): {counts['trainable']:,} trainable of {counts['total']:,} parameters "
-              f"({100 * counts['trainable'] / max(1, counts['total']):.2f}%) on this rank; "
-              f"optimizer state {opt_bytes / 2**20:.2f} MiB", flush=True)
+              f"({100 * counts['trainable'] / max(1, counts['total']):.2f}%) on this rank; optimizer over "
+              f"{held:,} parameters, Adam state {moments / 2**20:.2f} MiB", flush=True)
 
 
 def run_sft(cfg, plugins) -> dict:
