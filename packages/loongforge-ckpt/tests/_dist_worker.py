@@ -21,14 +21,13 @@ import torch.distributed as dist
 
 
 def main(spec_file: str) -> None:
-    from megatron.core import parallel_state as ps
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_file
-
     from loongforge.backends.cpu import CpuBackend
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import load_checkpoint, save_checkpoint
     from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
+    from megatron.core import parallel_state as ps
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
 
     spec = json.loads(Path(spec_file).read_text())
     dist.init_process_group("gloo")

@@ -31,9 +31,8 @@ def hf_model(name: str, seed: int = 0):
     (norms around 1, everything else small and non-zero)."""
     import torch
     import transformers
-    from omegaconf import OmegaConf
-
     from loongforge_llm.provider import LLMProvider
+    from omegaconf import OmegaConf
 
     provider = LLMProvider(OmegaConf.load(CONFIGS / FAMILIES[name] / f"{name}.yaml"))
     cfg = dict(provider.hf_config())
@@ -59,10 +58,9 @@ def converted(tmp_path_factory):
     """``converted(name)`` -> dict(hf=HF dir, ckpt=native checkpoints dir, back=HF dir converted
     back, model=the transformers model, ids=token ids, logits=its fp32 logits)."""
     import torch
-    from safetensors.torch import save_file
-
     from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
     from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
+    from safetensors.torch import save_file
 
     cache: dict[str, dict] = {}
 
@@ -91,9 +89,8 @@ def _our_logits(ckpt_root: Path, ids, step_dir: Path | None = None, plugins=None
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import latest_checkpoint, load_checkpoint
     from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
-    from omegaconf import OmegaConf
-
     from loongforge_ckpt.native import megatron_session
+    from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ckpt_root / "config.yaml")
     cfg.parallel.tp = cfg.parallel.pp = 1
@@ -115,7 +112,6 @@ def our_logits():
 def _assert_same_tensors(a: Path, b: Path) -> None:
     """The safetensors of HF directories ``a`` and ``b`` hold the same names, dtypes, shapes and bits."""
     import torch
-
     from loongforge_ckpt.safetensors_io import HFCheckpoint
 
     ca, cb = HFCheckpoint(a), HFCheckpoint(b)

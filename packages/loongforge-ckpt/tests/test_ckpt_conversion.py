@@ -50,7 +50,6 @@ def test_bf16_round_trip_keeps_dtype_and_bits(converted, same_tensors, tmp_path)
     import copy
 
     import transformers
-
     from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
     from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
     from loongforge_ckpt.native import stored_dtypes
@@ -87,7 +86,6 @@ def test_logits_match_hf_at_tp1(converted, our_logits, name):
 def test_logits_under_tp2_and_pp2_and_resaved_layouts_convert_back(converted, same_tensors, tmp_path):
     """One torchrun launch, 2 CPU processes: llama2 (untied) and qwen3 (tied) at TP=2 and PP=2."""
     from loongforge.testing import free_port
-
     from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
 
     cases = []

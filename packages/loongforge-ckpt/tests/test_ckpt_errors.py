@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from loongforge_ckpt.errors import ConversionError
 from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
 from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
@@ -48,6 +47,27 @@ def test_truncated_single_file_names_the_cut_tensor(converted, tmp_path):
     print(f"\n{msg}")
     assert str(file) in msg and repr(victim) in msg and "truncated" in msg
     assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_online_load_of_a_truncated_file_names_file_and_tensor(converted, tmp_path):
+    """``model.pretrained=HF_DIR`` (the trainer's online load) on a truncated file."""
+    from loongforge.plugins import get_plugin_manager
+    from loongforge.trainer.model import build_model_chunks, load_pretrained, model_provider, run_settings
+    from loongforge_ckpt.native import megatron_session
+    from omegaconf import OmegaConf
+
+    c = converted("qwen3_tiny")
+    hf = copy_hf(c["hf"], tmp_path / "hf")
+    file = hf / "model.safetensors"
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size - 1000)
+    cfg = OmegaConf.load(c["ckpt"] / "config.yaml")
+    plugins = get_plugin_manager()
+    with megatron_session() as backend:
+        provider = model_provider(cfg, plugins)
+        chunks = build_model_chunks(provider, run_settings(cfg), backend, plugins)
+        with pytest.raises(ValueError, match=rf"{file}: cannot read tensor 'model\.embed_tokens\.weight'.*truncated"):
+            load_pretrained(provider, chunks, str(hf))
 
 
 def test_truncated_shard_of_a_sharded_model(converted, tmp_path):

@@ -31,10 +31,9 @@ def toy_plugins(monkeypatch):
 
 def test_third_party_family_round_trip_and_logits(converted, our_logits, same_tensors, toy_plugins, tmp_path):
     import toy_family
-    from safetensors.torch import load_file, save_file
-
     from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
     from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
+    from safetensors.torch import load_file, save_file
 
     c = converted("llama2_tiny")
     hf = tmp_path / "toy_hf"

@@ -55,10 +55,9 @@ def megatron_session():
     in a parent process do not matter.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from loongforge.backends.cpu import CpuBackend
     from loongforge.testing import free_port
+    from megatron.core import parallel_state
 
     owns_pg = not dist.is_initialized()
     if owns_pg:

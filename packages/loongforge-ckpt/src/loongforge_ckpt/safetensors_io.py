@@ -51,12 +51,8 @@ def parse_size(text: str | int) -> int:
     s = str(text).strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
+    unit = next((u for u in units if s.endswith(u)), None)  # longest suffixes come first
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
         value = float(number)
     except ValueError:
@@ -218,7 +214,7 @@ class ShardedSafetensorsWriter:
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
         self._fds: list[int] = []
-        for k, (file, entries) in enumerate(zip(self.files, shards)):
+        for k, (file, entries) in enumerate(zip(self.files, shards, strict=True)):
             header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
             offset = 0
             for name, dtype, shape, nbytes in entries:

@@ -576,7 +576,10 @@ def safetensors_getter(path: str | os.PathLike) -> Callable[[str], torch.Tensor]
         if file is None:
             raise KeyError(f"HF checkpoint {path} has no tensor {name!r}")
         if file not in handles:
-            handles[file] = safe_open(file, framework="pt")
+            try:
+                handles[file] = safe_open(file, framework="pt")
+            except Exception as exc:  # safetensors' own error type, e.g. a truncated file
+                raise MappingError(f"{file}: cannot read tensor {name!r}: {exc} (truncated or corrupt file?)") from exc
         try:
             return handles[file].get_tensor(name)
         except Exception as exc:  # safetensors raises its own error type for missing keys
