@@ -133,3 +133,24 @@ def test_hf_round_trip_bit_identical(mcore, tiny_cfg):
     assert sorted(back) == sorted(sd)
     for name, t in sd.items():
         assert torch.equal(back[name], t), name
+
+
+def test_freeze_options(mcore, tiny_cfg):
+    """``model.image_encoder.freeze=true``: the encoder gets no gradients (megatron's DDP and the
+    optimizer then never see it) while the projector and the LLM still train."""
+    model_cfg = tiny_model_section(tiny_cfg)
+    model_cfg.image_encoder.freeze = True
+    provider = VLMProvider(model_cfg)
+    run = RunSettings()
+    ours = provider.build(provider.transformer_config(run), run, backend=mcore)
+    processor = Qwen2_5ImageProcessor.from_encoder_section(provider.encoder_cfg)
+    ids, patches, grids = sample(processor, [shape_image(56, 84, "red")], torch.Generator().manual_seed(0))
+    ids = torch.tensor([ids])
+    mrope = mrope_positions(ids[0], grids, IMAGE, 2)[None]
+    seq = ids.shape[1]
+    loss = ours(ids, torch.arange(seq)[None], None, labels=ids, pixel_values=torch.cat(patches),
+                image_grid_thw=torch.tensor(grids), mrope_position_ids=mrope).sum()
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in ours.image_encoder.parameters())
+    assert all(p.grad is not None for p in ours.image_projector.parameters())
+    assert ours.language_model.decoder.layers[0].self_attention.linear_qkv.weight.grad is not None
