@@ -3,6 +3,7 @@
     PYTHONPATH=$(ls -d packages/*/src | tr '\\n' :) python bench/llm_step.py                # Llama-3.2-1B, seq 4096
     ... python bench/llm_step.py --model qwen3/qwen3_4b --rows ours,hf --mbs 1
     ... python bench/llm_step.py --rows ours,ours:nokernels,ours:mbs=4,hf
+    ... python bench/llm_step.py --device cpu --model llama3/llama3_tiny --seq 32 --steps 2   # smoke
 
 Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
 
@@ -25,6 +26,7 @@ S sequence length: causal attention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -60,28 +62,48 @@ def flops_per_token(provider, seq: int) -> float:
     return 6 * provider.num_parameters() + 6 * a.num_hidden_layers * a.hidden_size * seq
 
 
-def time_steps(step, warmup: int, steps: int) -> dict:
-    """Run ``step()`` (returns (loss, mid_event or None)); median ms per step and per phase."""
+class Clock:
+    """CUDA events on the GPU (asynchronous work), the host clock on the CPU (smoke runs)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def time_steps(step, clock: Clock, warmup: int, steps: int) -> dict:
+    """Run ``step()`` (returns (loss, mark after backward)); median ms per step and to that mark."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    clock.sync()
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
     totals, fwdbwd, losses = [], [], []
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = clock.mark()
         loss, mid = step()
-        end.record()
-        torch.cuda.synchronize()
-        totals.append(start.elapsed_time(end))
-        if mid is not None:
-            fwdbwd.append(start.elapsed_time(mid))
+        end = clock.mark()
+        clock.sync()
+        totals.append(clock.ms(start, end))
+        fwdbwd.append(clock.ms(start, mid))
         losses.append(float(loss))
     return {
         "ms": statistics.median(totals),
         "ms_spread": (min(totals), max(totals)),
-        "fwdbwd_ms": statistics.median(fwdbwd) if fwdbwd else None,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "fwdbwd_ms": statistics.median(fwdbwd),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else float("nan"),
         "loss": (losses[0], losses[-1]),
     }
 
@@ -89,16 +111,28 @@ def time_steps(step, warmup: int, steps: int) -> dict:
 # --- ours ---------------------------------------------------------------------------------------
 
 
-def _init_megatron():
+@contextlib.contextmanager
+def megatron_world(backend, cuda: bool):
+    """One-rank megatron-core: NCCL and the CUDA backend active, or (smoke runs) gloo with the CPU
+    backend's adaptations plus the CUDA backend's RoPE patch."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    if not cuda:
+        from loongforge.testing import single_process_megatron
+        from loongforge_cuda.modules import rope_patch
+
+        with single_process_megatron(), rope_patch(lambda: backend.kernel("rope") if "rope" in backend.kernels else None):
+            yield
+        return
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         dist.init_process_group("nccl", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
+    with backend.activate(0):
+        yield
 
 
 def row_ours(section: dict, args, opts: dict) -> dict:
@@ -117,7 +151,6 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         os.environ[ENV_FORCE] = opts["sdpa"]
     else:
         os.environ.pop(ENV_FORCE, None)
-    _init_megatron()
     backend = CudaBackend()
     nokernels = bool(opts.get("nokernels"))
     if not nokernels:
@@ -125,7 +158,8 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         backend.configure_kernels(KERNELS, disable)
     provider = LLMProvider(section)
     run = RunSettings(bf16=True, seq_length=seq)
-    with backend.activate(0):
+    cuda = args.device == "cuda"
+    with megatron_world(backend, cuda):
         torch.manual_seed(0)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         config = provider.transformer_config(run)
@@ -133,7 +167,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             from loongforge.modules.layer_spec import local_sdpa_spec
 
             backend.layer_spec = lambda config, model_cfg: local_sdpa_spec(config)
-        model = provider.build(config, run, backend=backend).cuda()
+        model = provider.build(config, run, backend=backend).to(args.device)
         model = Float16Module(config, model)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=bool(opts.get("gradfp32")), overlap_grad_reduce=False,
@@ -151,7 +185,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         vocab = provider.args.vocab_size
 
         def step():
-            tokens = torch.randint(0, vocab, (mbs, seq + 1), device="cuda")
+            tokens = torch.randint(0, vocab, (mbs, seq + 1), device=args.device)
             model.zero_grad_buffer()
             optimizer.zero_grad()
             kwargs = {"labels": tokens[:, 1:]}
@@ -161,13 +195,13 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             loss = per_token.float().mean()
             loss.backward()
             model.finish_grad_sync()
-            mid = torch.cuda.Event(enable_timing=True)
-            mid.record()
+            mid = clock.mark()
             ok, _, _ = optimizer.step()
             assert ok, "optimizer step skipped"
             return loss.detach(), mid
 
-        result = time_steps(step, args.warmup, args.steps)
+        clock = Clock(cuda)
+        result = time_steps(step, clock, args.warmup, args.steps)
         result["sdpa"] = {str(k[0]): (v, MeasuredSDPAttention.reports.get(k)) for k, v in MeasuredSDPAttention.choices.items()}
         del model, optimizer
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
@@ -187,23 +221,23 @@ def row_hf(section: dict, args, opts: dict) -> dict:
     hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16).cuda()
+        hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16).to(args.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     vocab = provider.args.vocab_size
 
     def step():
-        tokens = torch.randint(0, vocab, (mbs, seq), device="cuda")
+        tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        mid = torch.cuda.Event(enable_timing=True)
-        mid.record()
+        mid = clock.mark()
         optimizer.step()
         return loss.detach(), mid
 
-    result = time_steps(step, args.warmup, args.steps)
+    clock = Clock(args.device == "cuda")
+    result = time_steps(step, clock, args.warmup, args.steps)
     del model, optimizer
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
@@ -221,6 +255,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke run of the same code (gloo, CPU backend), no meaningful speed")
     args = parser.parse_args()
     section = model_section(args.model)
     results = []
@@ -241,9 +277,11 @@ def main() -> None:
             print(f"[{spec}] FAILED {r['error']}", flush=True)
         results.append(r)
         gc.collect()
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     fpt = next((r["flops_token"] for r in results if "flops_token" in r), 0.0)
-    print(f"\n{args.model}, seq {args.seq}, bf16, {torch.cuda.get_device_name()}; "
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
+    print(f"\n{args.model}, seq {args.seq}, bf16, {device}; "
           f"MFU = tok/s x {fpt / 1e9:.3f} GFLOP/token (6N + 6LHS) / 989 TFLOP/s; "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'row':32} {'mbs':>3} {'ms/step':>9} {'fwd+bwd':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  loss")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from loongforge_kernels import _matmul
+from loongforge_kernels import fused_linear_ce as fce
 from loongforge_kernels.fused_linear_ce import (
     default_chunk_size,
     fused_linear_cross_entropy,
@@ -13,6 +14,12 @@ from loongforge_kernels.fused_linear_ce import (
 )
 
 pytestmark = pytest.mark.usefixtures("triton_path")
+
+
+@pytest.fixture(autouse=True)
+def _speculating(monkeypatch):
+    """Each test starts with reduction="none" speculating (a miss turns it off process-wide)."""
+    monkeypatch.setitem(fce.SPECULATE, "on", True)
 
 # V spans several 128-wide column blocks with a ragged last one; N is not a multiple of the chunk.
 N, H, V, CHUNK = 37, 24, 300, 16
@@ -129,14 +136,59 @@ def test_fused_ce_logits_never_exceed_one_chunk(kt, monkeypatch):
 
     monkeypatch.setattr(_matmul, "mm_f32", mm)
     monkeypatch.setattr(_matmul, "addmm_f32_", addmm)
-    for reduction in ("mean", "none"):
+    # ceil(50 / 8) chunks; "none" with a per-token gradient recomputes them all in backward
+    for reduction, weights, chunks in (("mean", None, 7), ("none", None, 7), ("none", "random", 14)):
         shapes.clear()
         out = fused_linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk_size=8)
-        torch.autograd.grad(out.sum(), [hidden, weight])
+        grad_out = torch.ones_like(out) if weights is None else torch.rand_like(out)
+        with pytest.warns(UserWarning, match="recomputing") if weights else _no_warning():
+            torch.autograd.grad(out, [hidden, weight], grad_out)
         logits = [s for s in shapes if s[1] == V]
-        assert len(logits) == (7 if reduction == "mean" else 14)  # ceil(50 / 8), again in bwd for none
+        assert len(logits) == chunks, (reduction, weights)
         assert max(r for r, _ in logits) == 8
         assert all(r <= 8 or c <= 8 for r, c in shapes)
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return ctx()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_none_uniform_gradient_uses_forward_gradients(kt, dtype, monkeypatch):
+    """A masked-mean style upstream gradient (one value on non-ignored tokens, anything on ignored
+    ones): backward only rescales, results match the reference, and speculation stays on."""
+    hidden, weight, labels = _inputs(kt, dtype, seed=4)
+    grad_out = torch.where(labels != -100, 0.37, torch.randn(labels.shape)).to(kt.device)
+    recomputed = []
+    real = fce._run_chunks
+    monkeypatch.setattr(fce, "_run_chunks", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    out, grads, _ = kt.fwd_bwd(
+        lambda h, w: fused_linear_cross_entropy_triton(h, w, labels, reduction="none", chunk_size=CHUNK),
+        [hidden, weight], grad_out)
+    ref_out, ref_grads, _ = kt.fwd_bwd(
+        lambda h, w: fused_linear_cross_entropy_reference(h, w, labels, reduction="none"), [hidden, weight], grad_out)
+    assert len(recomputed) == 1, "backward recomputed the chunks"
+    assert fce.SPECULATE["on"]
+    kt.parity(out, ref_out, torch.float32, "loss")
+    kt.parity(grads[0], ref_grads[0], dtype, "dhidden")
+    kt.parity(grads[1], ref_grads[1], dtype, "dweight")
+
+
+def test_fused_ce_none_after_a_miss_stops_speculating(kt):
+    hidden, weight, labels = _inputs(kt, torch.float32, seed=5)
+    with pytest.warns(UserWarning, match="recomputing"):
+        _compare(kt, torch.float32, hidden, weight, labels, "none")  # random per-token gradient: a miss
+    assert not fce.SPECULATE["on"]
+    _compare(kt, torch.float32, hidden, weight, labels, "none")  # the recomputing path, still exact
 
 
 def test_default_chunk_size():

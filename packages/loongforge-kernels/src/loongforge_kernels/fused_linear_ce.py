@@ -6,7 +6,13 @@ extra memory is ``O(chunk_size * V)`` plus an fp32 ``[V, H]`` accumulator for th
 
 - ``mean``/``sum``: the gradients are computed during the forward (the loss is a scalar, so the
   upstream gradient only rescales them) and stored until backward.
-- ``none``: the upstream gradient is per token, so backward recomputes each chunk's logits.
+- ``none``: the upstream gradient is per token. The forward speculates that it will be the same
+  for every non-ignored token (a masked mean or sum, as in training) and computes the gradients for
+  a gradient of 1: backward then rescales them (the hidden gradient row by row, which is exact for
+  any upstream gradient; the weight gradient by the common value). When the upstream gradient is
+  not uniform over those tokens, backward recomputes each chunk's logits with the true per-token
+  scale instead, and the process stops speculating (:data:`SPECULATE`), so a caller with weighted
+  losses pays the extra work once.
 
 The loss is fp32 (the reference computes in fp32); gradients come back in the inputs' dtypes.
 Like ``F.cross_entropy``, ``mean`` divides by the number of non-ignored tokens (NaN if none).
@@ -15,6 +21,8 @@ Labels must lie in ``[0, V)`` or equal ``ignore_index`` (not checked on the fuse
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +30,9 @@ from . import _matmul
 from ._dispatch import next_pow2, use_triton
 
 _REDUCTIONS = ("none", "mean", "sum")
+
+#: whether ``reduction="none"`` precomputes gradients in forward (turned off after a miss)
+SPECULATE = {"on": True}
 
 
 def fused_linear_cross_entropy_reference(
@@ -118,12 +129,30 @@ def _grad_buffers(hidden, weight, need_h, need_w):
     return gh, gw
 
 
+def _common_value(g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    """The value ``g`` takes on every ``valid`` token (0 when none is valid), or ``None`` when
+    it varies. One host sync."""
+    hi = torch.where(valid, g, float("-inf")).max()
+    lo = torch.where(valid, g, float("inf")).min()
+    lo_v, hi_v = torch.stack([lo, hi]).tolist()
+    if lo_v > hi_v:  # no valid token: every gradient is zero anyway
+        return g.new_zeros(())
+    return hi if lo_v == hi_v else None
+
+
 class _FusedLinearCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.meta = (ignore_index, reduction, chunk_size, need_h, need_w)
-        if reduction == "none":  # the upstream gradient is per token: backward recomputes
+        ctx.speculated = reduction == "none" and SPECULATE["on"]
+        if ctx.speculated:  # gradients for an upstream gradient of 1, rescaled in backward
+            gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
+            unit = torch.ones(1, dtype=torch.float32, device=hidden.device)
+            loss = _run_chunks(hidden, weight, labels, ignore_index, chunk_size, unit, gh, gw)
+            ctx.save_for_backward(hidden, weight, labels, gh, gw)
+            return loss
+        if reduction == "none":  # backward recomputes with the per-token upstream gradient
             ctx.save_for_backward(hidden, weight, labels)
             return _run_chunks(hidden, weight, labels, ignore_index, chunk_size)
         if reduction == "mean":
@@ -143,7 +172,21 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             gh = None if gh is None else gh * grad_out
             gw = None if gw is None else gw * grad_out
             return gh, gw, None, None, None, None
-        hidden, weight, labels = ctx.saved_tensors
+        if ctx.speculated:
+            hidden, weight, labels, gh_unit, gw_unit = ctx.saved_tensors
+            g = grad_out.to(torch.float32)
+            common = _common_value(g, labels != ignore_index) if gw_unit is not None else g.new_zeros(())
+            if common is not None:
+                gh = None if gh_unit is None else (gh_unit.to(torch.float32) * g[:, None]).to(hidden.dtype)
+                gw = None if gw_unit is None else (gw_unit * common).to(weight.dtype)
+                return gh, gw, None, None, None, None
+            SPECULATE["on"] = False
+            warnings.warn("fused_linear_cross_entropy(reduction='none'): the upstream gradient differs "
+                          "between non-ignored tokens; recomputing (and not speculating from now on)",
+                          stacklevel=2)
+            del gh_unit, gw_unit
+        else:
+            hidden, weight, labels = ctx.saved_tensors
         gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
         scale = grad_out.to(torch.float32).contiguous()
         _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, gw)
