@@ -54,10 +54,11 @@ class Backend:
         pass
 
     def layer_spec(self, config: Any, model_cfg: Any):
-        """The transformer layer ``ModuleSpec`` this device prefers for ``model_cfg``."""
-        from loongforge.modules.layer_spec import local_sdpa_layer_spec
+        """The transformer layer ``ModuleSpec`` this device prefers for ``model_cfg`` (with sequence
+        parallelism, a ``TransformerBlock`` spec: see ``loongforge.modules.layer_spec.local_sdpa_spec``)."""
+        from loongforge.modules.layer_spec import local_sdpa_spec
 
-        return local_sdpa_layer_spec(qk_layernorm=bool(getattr(config, "qk_layernorm", False)))
+        return local_sdpa_spec(config)
 
     def peak_flops(self, dtype: str) -> float | None:
         """Dense peak FLOP/s of one device for ``dtype`` (for MFU); ``None`` when unknown."""

@@ -45,6 +45,8 @@ def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_hea
         raise LayoutError(f"model num_attention_heads={num_heads} is not divisible by parallel.tp={p.tp}")
     if num_kv_heads is not None and num_kv_heads % p.tp:
         raise LayoutError(f"model num_key_value_heads={num_kv_heads} is not divisible by parallel.tp={p.tp}")
+    if p.vpp is not None and p.vpp < 1:
+        raise LayoutError(f"parallel.vpp={p.vpp} must be >= 1 (or null)")
     if p.vpp is not None and p.vpp > 1 and p.pp < 2:
         raise LayoutError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (got {p.pp})")
     stages = p.pp * (p.vpp or 1)
@@ -60,11 +62,42 @@ def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_hea
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
             f"x data-parallel size = {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}"
         )
+    if (p.vpp or 1) > 1:
+        # megatron-core 0.19.2's interleaved schedule runs micro-batches in groups of
+        # microbatch_group_size_per_vp_stage (default: pp) per virtual stage; it refuses fewer
+        # micro-batches than pp and a last group smaller than pp, so M must be a multiple of pp
+        microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+        if microbatches % p.pp:
+            raise LayoutError(
+                f"parallel.vpp={p.vpp} (interleaved pipeline) needs the number of micro-batches per step, "
+                f"train.global_batch_size / (train.micro_batch_size x data-parallel size) = "
+                f"{t.global_batch_size} / ({t.micro_batch_size} x {dp}) = {microbatches}, "
+                f"to be a multiple of parallel.pp={p.pp}"
+            )
     if p.cp > 1 and t.seq_length % (2 * p.cp):
-        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp}")
-    if p.tp > 1 and p.sequence_parallel and t.seq_length % p.tp:
-        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
+        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp} "
+                          f"(context parallelism cuts each sequence into 2 x cp chunks)")
+    if p.tp > 1 and p.sequence_parallel and t.seq_length % (p.tp * p.cp):
+        raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by parallel.tp x parallel.cp = "
+                          f"{p.tp} x {p.cp} (sequence parallel splits each rank's {p.cp}-th of the sequence "
+                          f"over tensor-parallel ranks)")
     return Layout(world_size, p.tp, p.pp, p.cp, p.vpp, dp, t.micro_batch_size, t.global_batch_size)
+
+
+def configure_pipeline_schedule(config, layout: Layout) -> None:
+    """Pipeline point-to-point settings of megatron-core's ``TransformerConfig`` for ``layout``.
+
+    Interleaved pipelines (vpp > 1) use separate isend/irecv calls that overlap with compute
+    (``overlap_p2p_comm=True, batch_p2p_comm=False``, Megatron-LM's own default for interleaving)
+    instead of one batched ``batch_isend_irecv``. Besides being faster, this is needed for
+    correctness at pp = 2: there the previous and the next stage are the same rank, and the batched
+    exchange posts two sends and two receives to that one peer in an order that pairs activations
+    with gradients (same shapes, so nothing fails: the loss is silently wrong; NVIDIA/Megatron-LM
+    issues #750 and #1450). ``_p2p_ops`` keeps the two directions apart.
+    """
+    if (layout.vpp or 1) > 1:
+        config.overlap_p2p_comm = True
+        config.batch_p2p_comm = False
 
 
 def init_model_parallel(cfg):

@@ -5,15 +5,27 @@ places (parallel linear layers, DDP buffers, optimizer scalars, grad clipping) a
 dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activate`:
 
 1. ``_CpuDeviceMode`` (a ``TorchFunctionMode``) rewrites any CUDA ``device=`` argument of a torch
-   call to CPU, turns ``Tensor.cuda()`` into a no-op and reports CPU tensors' ``type()`` with the
+   call to CPU, turns ``Tensor.cuda()`` and ``Tensor.pin_memory()`` into no-ops, drops
+   ``pin_memory=True`` (page-locked memory needs a CUDA driver; megatron-core's RoPE slicing for
+   context parallelism asks for it) and reports CPU tensors' ``type()`` with the
    ``torch.cuda.`` prefix that megatron-core's optimizers dispatch on;
 2. ``torch.cuda.current_device``/``synchronize``/``manual_seed``/``current_stream``/``stream``
    are replaced by CPU equivalents;
 3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name), and
-   its get/set of the "CUDA" RNG state (used around activation recompute) use the CPU generator.
+   its get/set of the "CUDA" RNG state (used around activation recompute) use the CPU generator;
+4. two collectives megatron-core calls are supplied on gloo groups from ones gloo has had since
+   torch 2.2 (:func:`gloo_reduce_scatter`, :func:`gloo_all_reduce`): the list form
+   ``torch.distributed.reduce_scatter`` (megatron-core's multimodal context parallelism) and
+   ``all_reduce`` with ``ReduceOp.AVG`` (its gradient finalisation and MoE logging). torch 2.6,
+   which the package allows, has neither on gloo (both were added in March 2025,
+   pytorch/pytorch#149869 and #149781), and gloo's later AVG was reported silently wrong
+   (pytorch/pytorch#162338). They replace gloo's own on every torch version, so what the tests
+   check is what runs. ``reduce_scatter_tensor``/``all_gather_into_tensor`` (sequence
+   parallelism, the distributed optimizer, our context parallelism) need nothing.
 
-All three are undone when the context exits. ``tests/test_cpu_backend.py`` fails when a
-megatron-core upgrade needs another adaptation.
+All four are undone when the context exits. ``tests/parallel/test_collectives.py`` checks the
+collectives (gloo's and the supplied ones) in two gloo processes; the parity tests next to it
+fail when a megatron-core upgrade needs another adaptation.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from loongforge.backend import Backend
@@ -41,16 +54,80 @@ class _CpuDeviceMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # megatron-core dispatches on type strings such as "torch.cuda.FloatTensor"
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
             kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):  # page-locking needs a CUDA driver (e.g. RoPE's CP slicing)
+            kwargs = {**kwargs, "pin_memory": False}
         if func in (torch.Tensor.to,) and args[1:] and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_native_reduce_scatter = dist.reduce_scatter
+_native_all_reduce = dist.all_reduce
+
+
+def _on_gloo(group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+class _ThenWork:
+    """An async collective's handle that finishes the supplied op (e.g. the AVG division) on wait."""
+
+    def __init__(self, work, then):
+        self._work, self._then, self._done = work, then, False
+
+    def wait(self, timeout=None) -> bool:
+        if not self._done:
+            self._work.wait() if timeout is None else self._work.wait(timeout)
+            self._then()
+            self._done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done
+
+
+def _finish(work, then, async_op: bool):
+    if async_op:
+        return _ThenWork(work, then)
+    then()
+    return None
+
+
+def gloo_reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """``torch.distributed.reduce_scatter`` (one input per rank) on gloo: the inputs are laid end
+    to end and reduce-scattered with ``reduce_scatter_tensor``; other backends: unchanged."""
+    if not _on_gloo(group):
+        return _native_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+    world = dist.get_world_size(group)
+    if len(input_list) != world or any(t.shape != output.shape for t in input_list):
+        raise ValueError(f"reduce_scatter needs {world} inputs shaped like the output {tuple(output.shape)}; "
+                         f"got {[tuple(t.shape) for t in input_list]}")
+    flat = torch.cat([t.reshape(-1) for t in input_list])
+    out = torch.empty(output.numel(), dtype=output.dtype, device=output.device)
+    average = op == dist.ReduceOp.AVG
+    work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM if average else op, group=group,
+                                      async_op=async_op)
+
+    def then():
+        output.copy_((out / world if average else out).view_as(output))
+
+    return _finish(work, then, async_op)
+
+
+def gloo_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """``torch.distributed.all_reduce`` with ``ReduceOp.AVG`` on gloo: a sum divided by the group
+    size; every other call goes to torch unchanged."""
+    if op != dist.ReduceOp.AVG or not _on_gloo(group):
+        return _native_all_reduce(tensor, op=op, group=group, async_op=async_op)
+    work = _native_all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    return _finish(work, lambda: tensor.div_(dist.get_world_size(group)), async_op)
 
 
 class _HostStream:
@@ -137,6 +214,8 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker))
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
+            stack.enter_context(mock.patch.object(dist, "reduce_scatter", gloo_reduce_scatter))
+            stack.enter_context(mock.patch.object(dist, "all_reduce", gloo_all_reduce))
             stack.enter_context(_CpuDeviceMode())
             yield self
 

@@ -12,10 +12,11 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
+from loongforge.parallel import configure_pipeline_schedule
 from loongforge.plugins import lookup
 from loongforge.registry import load_object
 from loongforge.trainer import checkpoint as ckpt
-from loongforge.trainer.batches import masked_token_loss, model_inputs
+from loongforge.trainer.batches import masked_token_loss, model_inputs, split_for_context_parallel
 from loongforge.trainer.metrics import RunLogger, flops_per_token, mfu
 from loongforge.trainer.model import (
     build_model_chunks,
@@ -56,6 +57,7 @@ class Trainer:
 
         rt.backend.manual_seed(cfg.seed)
         chunks = build_model_chunks(self.provider, self.settings, rt.backend, rt.plugins)
+        configure_pipeline_schedule(chunks[0].config, self.layout)
         if cfg.model.get("pretrained"):
             load_pretrained(self.provider, chunks, cfg.model.pretrained)
         chunks = self._prepare_chunks(chunks)
@@ -124,7 +126,7 @@ class Trainer:
     # --- one step --------------------------------------------------------------------------------
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = split_for_context_parallel(next(data_iterator))  # this CP rank's tokens (cp=1: all)
         inputs = model_inputs(batch, self.rt.backend.device(), self.cfg.data.document_attention)
         output = model(**inputs)
         return output, functools.partial(masked_token_loss, batch["loss_mask"])
