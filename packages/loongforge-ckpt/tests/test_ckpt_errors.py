@@ -198,3 +198,9 @@ def test_cli_converts_both_ways_with_tp_pp_and_copies_the_tokenizer(converted, o
 
     assert main(["convert", "hf-to-mcore", str(hf), str(out)]) == 2  # refuses to overwrite
     assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["convert", "mcore-to-hf", str(out), str(back)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["convert", "hf-to-mcore", str(hf), str(out), "--force"]) == 0
+    assert main(["convert", "mcore-to-hf", str(out), str(back), "--force"]) == 0
+    same_tensors(c["hf"], back)
+    assert (back / "model.safetensors").is_file() and not (back / "model.safetensors.index.json").exists()

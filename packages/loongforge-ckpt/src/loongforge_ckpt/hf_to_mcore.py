@@ -176,7 +176,8 @@ def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: boo
     else:
         log(f"note: {hf_dir} has no tokenizer files; config.yaml keeps the default tokenizer.path")
     native.atomic_write_text(out_dir / native.CONFIG_FILE, OmegaConf.to_yaml(validate(OmegaConf.create(run_cfg))))
-    if final.exists():
+    if final.exists():  # --force: no `latest` while the old checkpoint is replaced
+        (out_dir / native.LATEST).unlink(missing_ok=True)
         shutil.rmtree(final)
     tmp.rename(final)
     native.atomic_write_text(out_dir / native.LATEST, final.name)
