@@ -24,6 +24,7 @@ def _resolve(checkpoint: str) -> tuple[Path, Path]:
 
 def generate_from_checkpoint(checkpoint: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
                              top_k: int = 0, seed: int = 0) -> str:
+    from loongforge.peft.lora import apply_lora_config
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import load_checkpoint
     from loongforge.trainer.loop import load_tokenizer
@@ -39,6 +40,7 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, max_new_tokens: int =
         tokenizer = load_tokenizer(cfg, plugins)
         provider = model_provider(cfg, plugins)
         model = build_model_chunks(provider, run_settings(cfg), rt.backend, plugins)
+        apply_lora_config(model, cfg)  # a LoRA run's checkpoint holds adapters: generate with them
         load_checkpoint(step_dir, model, None, rt.backend, load_rng=False)
         model = model[0].eval()
         device = rt.backend.device()

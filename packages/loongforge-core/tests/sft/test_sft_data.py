@@ -111,16 +111,35 @@ def test_tokenizer_template_plain_template_and_loss_on_all(tok):
 @pytest.mark.parametrize("to", ["messages", "sharegpt", "alpaca"])
 def test_convert_round_trip(tmp_path, to):
     src = tmp_path / "in.jsonl"
-    convs = [MESSAGES[:3], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    convs = [MESSAGES, MESSAGES[1:3], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
     src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     dst = tmp_path / f"out_{to}.parquet"
-    assert convert(src, dst, to) == 2
+    assert convert(src, dst, to) == 3
     back = [to_messages(r) for r in iter_records(dst)]
-    assert back == convs
+    assert back == convs  # multi-turn alpaca goes through 'history'
     if to == "alpaca":
-        src.write_text(json.dumps({"messages": MESSAGES}) + "\n")
-        with pytest.raises(DataError, match="one user turn"):
+        src.write_text(json.dumps({"messages": [MESSAGES[1], MESSAGES[1], MESSAGES[2]]}) + "\n")
+        with pytest.raises(DataError, match="record 1: alpaca holds alternating user/assistant turns"):
             convert(src, tmp_path / "x.jsonl", "alpaca")
+
+
+def test_json_array_sharegpt_system_and_alpaca_history(tmp_path):
+    """The shapes public sets come in: a .json array (Alpaca), a top-level ShareGPT system prompt,
+    Alpaca 'history'; a broken record names its file and record."""
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([
+        {"instruction": "And a cow?", "input": "", "output": MESSAGES[4]["content"], "system": MESSAGES[0]["content"],
+         "history": [[MESSAGES[1]["content"], MESSAGES[2]["content"]]]},
+        {"system": MESSAGES[0]["content"],
+         "conversations": [{"from": "human", "value": MESSAGES[1]["content"]}, {"from": "gpt", "value": MESSAGES[2]["content"]}]},
+    ], indent=1))
+    convs, skipped = read_conversations([str(path)])
+    assert convs == [MESSAGES, MESSAGES[:3]] and skipped == 0
+    path.write_text(json.dumps([{"conversations": [{"from": "narrator", "value": "x"}]}]))
+    with pytest.raises(DataError, match=r"alpaca.json: record 1: sharegpt turn with unknown 'from': 'narrator'"):
+        read_conversations([str(path)])
+    path.write_text(json.dumps([{"conversations": [{"from": "narrator", "value": "x"}]}, {"messages": MESSAGES}]))
+    assert read_conversations([str(path)], on_error="skip") == ([MESSAGES], 1)
 
 
 def test_truncation_packing_and_efficiency(tok):

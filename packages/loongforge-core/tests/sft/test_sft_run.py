@@ -84,6 +84,20 @@ def test_sft_lora_run_lowers_loss_and_exports(tmp_path):
     print(f"peft adapter vs merged export: rel err {err:.2e}; adapter changes logits by {effect:.2e}")
     assert effect > 1e-4 and err < 1e-5
 
+    # `loongforge generate` on the LoRA checkpoint samples with the adapters: greedy = the merged HF model's
+    from loongforge.generate import generate_from_checkpoint
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    prompt = "<|im_start|>user\nWhat does a dog say?<|im_end|>\n<|im_start|>assistant\n"
+    with mock.patch.dict(os.environ):
+        ours = generate_from_checkpoint(str(ckpts), prompt, max_new_tokens=8)
+    enc = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        ref = merged.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+    print(f"generate with adapters: {ours!r}")
+    assert ours == tok.decode(ref[0], skip_special_tokens=True)
+
 
 def test_data_convert_cli(tmp_path):
     src = tmp_path / "a.jsonl"

@@ -4,11 +4,14 @@ Formats (one JSON object per line in ``.jsonl``/``.json``, or one row per record
 
 * ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
 * ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}``
-* ``alpaca``: ``{"instruction": "...", "input": "...", "output": "...", "system": "..."}``
-  (``input`` and ``system`` optional; the user turn is ``instruction`` + a blank line + ``input``)
+  (an optional top-level ``system`` is the system message)
+* ``alpaca``: ``{"instruction": "...", "input": "...", "output": "...", "system": "...",
+  "history": [["earlier instruction", "earlier answer"], ...]}`` (``input``, ``system`` and
+  ``history`` optional; the user turn is ``instruction`` + a blank line + ``input``)
 
-``auto`` detects the format of each record from its keys. ``loongforge data convert IN OUT --to
-FORMAT`` rewrites a file in another format (jsonl or parquet by OUT's suffix).
+A ``.json`` file may also hold one JSON array of records (how Alpaca-style sets are usually
+shipped). ``auto`` detects the format of each record from its keys. ``loongforge data convert IN
+OUT --to FORMAT`` rewrites a file in another format (jsonl or parquet by OUT's suffix).
 """
 
 from __future__ import annotations
@@ -43,19 +46,22 @@ def to_messages(record: dict, fmt: str = "auto") -> list[dict[str, str]]:
     if fmt == "messages":
         messages = [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in record["messages"]]
     elif fmt == "sharegpt":
-        messages = []
+        messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
         for turn in record["conversations"]:
             role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
             if role is None:
                 raise DataError(f"sharegpt turn with unknown 'from': {turn['from']!r}")
             messages.append({"role": role, "content": str(turn["value"] or "")})
     elif fmt == "alpaca":
+        messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
+        for turn in record.get("history") or []:
+            if len(turn) != 2:
+                raise DataError(f"alpaca 'history' entries are [instruction, answer] pairs, got {turn!r}")
+            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
         user = str(record["instruction"] or "")
         if record.get("input"):
             user = f"{user}\n\n{record['input']}"
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"] or "")}]
-        if record.get("system"):
-            messages.insert(0, {"role": "system", "content": str(record["system"])})
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"] or "")}]
     else:
         raise DataError(f"unknown conversation format {fmt!r} (one of auto, {', '.join(FORMATS)})")
     bad = [m["role"] for m in messages if m["role"] not in ROLES]
@@ -73,14 +79,18 @@ def from_messages(messages: list[dict[str, str]], fmt: str) -> dict:
     if fmt == "sharegpt":
         return {"conversations": [{"from": _TO_SHAREGPT[m["role"]], "value": m["content"]} for m in messages]}
     if fmt == "alpaca":
-        system = [m["content"] for m in messages if m["role"] == "system"]
-        turns = [m for m in messages if m["role"] != "system"]
-        if len(system) > 1 or len(turns) != 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
-            raise DataError("alpaca holds one user turn and one assistant turn (and at most one system "
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        turns = messages[1:] if system is not None else messages
+        roles = [m["role"] for m in turns]
+        if not turns or roles != ["user", "assistant"] * (len(turns) // 2):
+            raise DataError("alpaca holds alternating user/assistant turns (after at most one leading system "
                             f"message); this conversation has roles {[m['role'] for m in messages]}")
-        out = {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
-        if system:
-            out["system"] = system[0]
+        pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
+        out = {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1]}
+        if system is not None:
+            out["system"] = system
+        if len(pairs) > 1:
+            out["history"] = pairs[:-1]
         return out
     raise DataError(f"unknown conversation format {fmt!r} (one of {', '.join(FORMATS)})")
 
@@ -96,6 +106,19 @@ def iter_records(path: str | Path) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
+    if path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):  # one JSON array of records
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+            for n, record in enumerate(records, 1):
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: item {n} of the array is not a JSON object")
+                yield record
+            return
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loongforge.errors import LoongForgeError
 from loongforge.peft.lora import lora_modules, merged_state
 
 PEFT_PREFIX = "base_model.model."
@@ -31,7 +32,8 @@ def adapter_tensors(model: torch.nn.Module, mapping) -> tuple[dict[str, torch.Te
         for pattern, b in parts.items():
             hf = pattern if layer is None else pattern.replace("{i}", str(layer))
             if not hf.endswith(".weight"):
-                raise ValueError(f"cannot name a LoRA adapter for HF tensor {hf!r}")
+                raise LoongForgeError(f"{name}: the weight mapping gives HF tensor {hf!r}, not a "
+                                      "'<module>.weight', so the adapter cannot be named for PEFT")
             module = hf[: -len(".weight")]
             targets.add(module.rsplit(".", 1)[-1])
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = m.lora_A.detach().float().clone().contiguous()
@@ -75,9 +77,8 @@ def export_lora(checkpoint: str, out_dir: str, merge: bool = False) -> Path:
     (TP=1, PP=1, resharded on load) and write the adapter (or merged HF weights + tokenizer)."""
     from omegaconf import OmegaConf
 
-    from loongforge.errors import LoongForgeError
     from loongforge.generate import _resolve
-    from loongforge.peft.lora import apply_lora
+    from loongforge.peft.lora import apply_lora_config
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import load_checkpoint
     from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
@@ -94,7 +95,7 @@ def export_lora(checkpoint: str, out_dir: str, merge: bool = False) -> Path:
     with runtime(cfg, plugins) as rt:
         provider = model_provider(cfg, plugins)
         chunks = build_model_chunks(provider, run_settings(cfg), rt.backend, plugins)
-        apply_lora(chunks[0], lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), seed=cfg.seed)
+        apply_lora_config(chunks, cfg)
         load_checkpoint(step_dir, chunks, None, rt.backend, load_rng=False)
         model = chunks[0].eval()
         if merge:

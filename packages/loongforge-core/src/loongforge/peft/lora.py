@@ -34,6 +34,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from loongforge.config import ConfigError
+
 TARGETS = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2"}
 _CLASSES: dict[type, type] = {}
 
@@ -110,7 +112,7 @@ def _target_names(target_modules) -> set[str]:
     names = set()
     for t in target_modules:
         if t not in TARGETS and t not in TARGETS.values():
-            raise ValueError(f"config key 'peft.lora.target_modules': unknown module {t!r} (one of {', '.join(TARGETS)})")
+            raise ConfigError(f"config key 'peft.lora.target_modules': unknown module {t!r} (one of {', '.join(TARGETS)})")
         names.add(TARGETS.get(t, t))
     return names
 
@@ -128,7 +130,7 @@ def apply_lora(chunk: torch.nn.Module, rank: int, alpha: float = 16.0, dropout: 
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise ConfigError(f"config key 'peft.lora.rank' must be >= 1 for LoRA, got {rank}")
     targets = _target_names(target_modules)
     for p in chunk.parameters():
         p.requires_grad_(False)
@@ -144,7 +146,7 @@ def apply_lora(chunk: torch.nn.Module, rank: int, alpha: float = 16.0, dropout: 
         elif isinstance(module, RowParallelLinear):
             column = False
         else:
-            raise TypeError(f"LoRA target {name} is a {type(module).__name__}, not a megatron-core "
+            raise ConfigError(f"config key 'peft.lora.target_modules': LoRA target {name} is a {type(module).__name__}, not a megatron-core "
                             "Column/RowParallelLinear (Transformer Engine linears are not supported yet)")
         weight = module.weight
         out_local, in_local = weight.shape
@@ -167,7 +169,20 @@ def apply_lora(chunk: torch.nn.Module, rank: int, alpha: float = 16.0, dropout: 
         module.__class__ = _lora_class(type(module))
         adapted.append(name)
     if not adapted:
-        raise ValueError(f"no LoRA target ({', '.join(sorted(targets))}) found in the model")
+        raise ConfigError(f"config key 'peft.lora.target_modules': no {', '.join(sorted(targets))} in the model")
+    return adapted
+
+
+def apply_lora_config(chunks, cfg) -> list[str]:
+    """Adapters on every chunk as the run config's ``peft.lora`` says (nothing when its rank is 0);
+    the trainer, ``export-lora`` and ``generate`` build the same adapted model from a config."""
+    lora = (cfg.get("peft") or {}).get("lora") or {}
+    if int(lora.get("rank", 0)) < 1:
+        return []
+    adapted = []
+    for chunk in chunks:
+        adapted += apply_lora(chunk, int(lora["rank"]), float(lora.get("alpha", 16.0)), float(lora.get("dropout", 0.0)),
+                              list(lora.get("target_modules", TARGETS)), seed=int(cfg.get("seed", 0)))
     return adapted
 
 

@@ -33,14 +33,9 @@ class SFTTrainer(Trainer):
         return train, valid
 
     def _prepare_chunks(self, chunks):
-        lora = self.cfg.peft.lora
-        self.lora_modules = []
-        if lora.rank > 0:
-            from loongforge.peft.lora import apply_lora
+        from loongforge.peft.lora import apply_lora_config
 
-            for chunk in chunks:
-                self.lora_modules += apply_lora(chunk, lora.rank, lora.alpha, lora.dropout,
-                                                list(lora.target_modules), seed=self.cfg.seed)
+        self.lora_modules = apply_lora_config(chunks, self.cfg)
         return chunks
 
     def _cost_b(self) -> float:
