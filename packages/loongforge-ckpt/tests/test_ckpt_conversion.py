@@ -62,6 +62,27 @@ def test_bf16_round_trip_keeps_dtype_and_bits(converted, same_tensors, tmp_path)
     same_tensors(tmp_path / "hf", tmp_path / "back")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "back").dtype == torch.bfloat16
 
+    # loaded into an fp32 training model and saved again: the export is float32, values unchanged
+    from loongforge.plugins import get_plugin_manager
+    from loongforge.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
+    from loongforge_ckpt.native import megatron_session
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(tmp_path / "ckpt" / "config.yaml")
+    plugins = get_plugin_manager()
+    with megatron_session() as backend:
+        chunks = build_model_chunks(model_provider(cfg, plugins), run_settings(cfg), backend, plugins)
+        load_checkpoint(step, chunks, None, backend, load_rng=False)
+        save_checkpoint(tmp_path / "ckpt", 1, chunks, None, {"step": 1}, backend)
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "fp32", log=lambda *_: None)
+    config = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    assert config["torch_dtype"] == config.get("dtype", "float32") == "float32"
+    from safetensors.torch import load_file
+
+    ref, up = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    assert all(up[n].dtype == torch.float32 and torch.equal(up[n], t.float()) for n, t in ref.items())
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_at_tp1(converted, our_logits, name):

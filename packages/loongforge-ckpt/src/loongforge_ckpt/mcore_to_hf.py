@@ -96,7 +96,9 @@ def convert_mcore_to_hf(checkpoint, out_dir, *, max_shard_size: str | int = DEFA
 
         hf_config = dict(provider.hf_config())
         if dtype_bytes:
-            hf_config["torch_dtype"] = str(dtype_bytes.most_common(1)[0][0]).removeprefix("torch.")
+            stored = str(dtype_bytes.most_common(1)[0][0]).removeprefix("torch.")
+            # newer transformers write "dtype"; one carried over from the source config must agree
+            hf_config.update({k: stored for k in ("torch_dtype", "dtype") if k == "torch_dtype" or k in hf_config})
         native.write_json(tmp / "config.json", hf_config)
         tokenizer = native.copy_tokenizer(root / native.TOKENIZER_DIR, tmp)
         if out_dir.exists():
