@@ -21,7 +21,7 @@ class VLMLayout:
     llm_prefix: str
     #: HF prefix of the LLM's output layer
     lm_head_prefix: str = "lm_head."
-    #: the tokens the data pipeline writes around / for each image
+    #: the tokens the data pipeline writes around / for each image ("" = none)
     image_token: str = "<|image_pad|>"
     vision_start_token: str = "<|vision_start|>"
     vision_end_token: str = "<|vision_end|>"
@@ -51,6 +51,31 @@ LAYOUTS: dict[str, VLMLayout] = {
             ("image_projector.", "model.visual.merger."),
         ),
         llm_prefix="model.language_model.",
+    ),
+    # transformers' LlavaOnevisionForConditionalGeneration: SigLIP tower, 2-layer MLP, image newline
+    "llava_onevision": VLMLayout(
+        model_type="llava_onevision",
+        hf_architecture="LlavaOnevisionForConditionalGeneration",
+        vision_renames=(
+            ("image_encoder.layers.", "model.vision_tower.encoder.layers."),
+            ("image_encoder.", "model.vision_tower."),
+            ("image_projector.image_newline", "model.image_newline"),
+            ("image_projector.", "model.multi_modal_projector."),
+        ),
+        llm_prefix="model.language_model.",
+        image_token="<image>", vision_start_token="", vision_end_token="",
+    ),
+    # transformers' InternVLForConditionalGeneration (InternVL 2.5 / 3 "-hf" checkpoints)
+    "internvl": VLMLayout(
+        model_type="internvl",
+        hf_architecture="InternVLForConditionalGeneration",
+        vision_renames=(
+            ("image_encoder.layers.", "model.vision_tower.encoder.layer."),
+            ("image_encoder.", "model.vision_tower."),
+            ("image_projector.", "model.multi_modal_projector."),
+        ),
+        llm_prefix="model.language_model.",
+        image_token="<IMG_CONTEXT>", vision_start_token="<img>", vision_end_token="</img>",
     ),
 }
 

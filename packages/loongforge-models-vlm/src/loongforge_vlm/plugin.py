@@ -45,6 +45,30 @@ def loongforge_register_model_components():
             builder="loongforge_vlm.components.qwen2_5_merger:build",
             description="Qwen2.5-VL patch merger (2x2 spatial merge -> RMSNorm -> MLP)",
         ),
+        ModelComponent(
+            name="siglip",
+            kind="image_encoder",
+            builder="loongforge_vlm.components.siglip:build",
+            description="SigLIP vision transformer (LLaVA-OneVision's encoder; fixed resolution)",
+        ),
+        ModelComponent(
+            name="llava_mlp",
+            kind="image_projector",
+            builder="loongforge_vlm.components.llava_mlp:build",
+            description="LLaVA-OneVision projector (Linear -> GELU -> Linear, newline token after each image)",
+        ),
+        ModelComponent(
+            name="internvit",
+            kind="image_encoder",
+            builder="loongforge_vlm.components.internvit:build",
+            description="InternViT-300M-style vision transformer (CLS token, layer scale; fixed 448 px tiles)",
+        ),
+        ModelComponent(
+            name="internvl_mlp",
+            kind="image_projector",
+            builder="loongforge_vlm.components.internvl_mlp:build",
+            description="InternVL projector (pixel shuffle -> LayerNorm -> Linear -> GELU -> Linear)",
+        ),
     ]
 
 

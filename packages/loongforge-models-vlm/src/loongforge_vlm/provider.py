@@ -113,6 +113,17 @@ class VLMProvider:
                 module.requires_grad_(False)
         return encoder, projector
 
+    def image_processor(self):
+        """The preprocessing of the encoder: its component module's ``image_processor(encoder_section,
+        projector_section)`` (the projector may change the tokens per image, e.g. pixel shuffle)."""
+        module = self.encoder_record.builder.split(":")[0]
+        try:
+            make = load_object(f"{module}:image_processor")
+        except (AttributeError, ImportError) as exc:
+            raise ConfigError(f"image encoder {self.encoder_cfg.get('name')!r} ({module}) defines no "
+                              f"image_processor(encoder_section, projector_section): {exc}") from None
+        return make(self.encoder_cfg, self.projector_cfg)
+
     def build(self, config, run: RunSettings, *, backend, pre_process: bool = True, post_process: bool = True,
               vp_stage: int | None = None):
         from loongforge_vlm.model import MRopeGPTModel, VLMModel
@@ -165,19 +176,47 @@ class VLMProvider:
         return out
 
     def hf_config(self) -> dict[str, Any]:
-        """The HF ``config.json`` dict of this model in ``model_type``'s layout (Qwen2.5-VL only)."""
-        if self.layout.model_type != "qwen2_5_vl":
-            raise NotImplementedError(f"no HF config export for {self.layout.model_type!r}")
+        """The HF ``config.json`` dict of this model in ``model_type``'s layout."""
         text = dict(self.llm.hf_config())
         text.pop("architectures", None)
+        e, p = self.encoder_cfg, self.projector_cfg
+        if self.layout.model_type == "llava_onevision":
+            vision = {"model_type": "siglip_vision_model", "num_hidden_layers": e["depth"],
+                      "num_attention_heads": e["num_heads"], "num_channels": e.get("in_channels", 3),
+                      "vision_use_head": False,
+                      **{k: e[k] for k in ("hidden_size", "intermediate_size", "image_size", "patch_size",
+                                           "layer_norm_eps", "hidden_act") if k in e}}
+            cfg = {"architectures": [self.layout.hf_architecture], "model_type": "llava_onevision",
+                   "text_config": text, "vision_config": vision, "vision_feature_layer": -1,
+                   "vision_feature_select_strategy": "full", "projector_hidden_act": p.get("hidden_act", "gelu"),
+                   "multimodal_projector_bias": p.get("bias", True),
+                   "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+            if self.image_token_id is not None:
+                cfg["image_token_index"] = self.image_token_id
+            return cfg
+        if self.layout.model_type == "internvl":
+            vision = {"model_type": "internvl_vision", "num_hidden_layers": e["depth"], "num_attention_heads": e["num_heads"],
+                      "num_channels": e.get("in_channels", 3), "norm_type": "layer_norm", "use_qk_norm": False,
+                      "use_mean_pooling": True,
+                      **{k: e[k] for k in ("hidden_size", "intermediate_size", "image_size", "patch_size", "layer_norm_eps",
+                                           "hidden_act", "attention_bias", "layer_scale_init_value") if k in e}}
+            cfg = {"architectures": [self.layout.hf_architecture], "model_type": "internvl",
+                   "text_config": text, "vision_config": vision, "vision_feature_layer": -1,
+                   "vision_feature_select_strategy": "default", "downsample_ratio": p.get("downsample_ratio", 0.5),
+                   "projector_hidden_act": p.get("hidden_act", "gelu"),
+                   "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+            if self.image_token_id is not None:
+                cfg["image_token_id"] = self.image_token_id
+            return cfg
+        if self.layout.model_type != "qwen2_5_vl":
+            raise NotImplementedError(f"no HF config export for {self.layout.model_type!r}")
         text["model_type"] = "qwen2_5_vl_text"
         if self.mrope_section:
             text["rope_scaling"] = {"rope_type": "default", "mrope_section": list(self.mrope_section)}
-        e = self.encoder_cfg
         vision = {k: e[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
                                     "temporal_patch_size", "spatial_merge_size", "window_size", "hidden_act") if k in e}
         vision["fullatt_block_indexes"] = list(e.get("fullatt_block_indexes", []))
-        vision["out_hidden_size"] = self.projector_cfg["hidden_size"]
+        vision["out_hidden_size"] = p["hidden_size"]
         cfg = {"architectures": [self.layout.hf_architecture], "model_type": "qwen2_5_vl",
                "text_config": text, "vision_config": vision,
                "tie_word_embeddings": text.get("tie_word_embeddings", False)}

@@ -25,15 +25,15 @@ BUILTIN_SHAPES = "builtin:shapes"
 class VLMTrainer(Trainer):
     def build_datasets(self):
         from loongforge_vlm.data.conversations import VLMConversationDataset
-        from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
 
         cfg, provider = self.cfg, self.provider
         if cfg.parallel.cp > 1:
             raise ConfigError("config key 'parallel.cp': context parallelism is not supported by vlm_sft yet")
         layout = provider.layout
+        self._add_layout_tokens(layout)
         if provider.image_token_id is None:
             provider.image_token_id = self.tokenizer.convert_tokens_to_ids(layout.image_token)
-        processor = Qwen2_5ImageProcessor.from_encoder_section(provider.encoder_cfg)
+        processor = provider.image_processor()
         make = functools.partial(
             VLMConversationDataset, tokenizer=self.tokenizer, processor=processor, seq_length=cfg.train.seq_length,
             image_token=layout.image_token, vision_start=layout.vision_start_token, vision_end=layout.vision_end_token,
@@ -46,6 +46,16 @@ class VLMTrainer(Trainer):
             for err in train.stats.errors[:5]:
                 print(f"  skipped {err}", flush=True)
         return train, valid
+
+    def _add_layout_tokens(self, layout):
+        """The layout's image tokens, appended to a tokenizer that lacks them (a text-only one)."""
+        from loongforge.data.tokenizer import check_vocab
+
+        tokens = [t for t in (layout.vision_start_token, layout.image_token, layout.vision_end_token) if t]
+        missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_tokens(missing, special_tokens=True)
+            check_vocab(self.tokenizer, int(self.cfg.model.foundation.get("vocab_size", self.vocab_size)))
 
     def _paths(self, paths) -> list[Path]:
         from loongforge.data.sft import resolve_chat_path

@@ -168,6 +168,13 @@ def build(section) -> Qwen2_5ViT:
     return Qwen2_5ViT(component_args(ViTArgs, section, "model.image_encoder"))
 
 
+def image_processor(encoder: dict, projector: dict):
+    """Qwen2.5-VL dynamic resolution (``model.image_encoder.min_pixels/max_pixels``)."""
+    from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
+
+    return Qwen2_5ImageProcessor.from_encoder_section(encoder)
+
+
 def hf_rules(hf_prefix: str, ours_prefix: str) -> list[tuple[str, str]]:
     """HF parameter name patterns -> ours (identical layout: only the prefix differs)."""
     return [(f"{hf_prefix}patch_embed.proj.weight", f"{ours_prefix}patch_embed.weight"),

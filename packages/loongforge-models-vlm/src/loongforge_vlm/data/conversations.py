@@ -10,8 +10,9 @@ built, so a bad or missing image fails before training, naming the file, line an
 ``data.on_error=skip`` such records are skipped and counted instead.
 
 A sample holds the pre-training keys (``tokens``, ``labels``, ``loss_mask``, ``position_ids``,
-[s] each, padded to ``seq_length``) plus ``mrope_position_ids`` [3, s], ``pixel_values``
-[patches, C*T*P*P] and ``image_grid_thw`` [images, 3]; :func:`collate` stacks the former and
+[s] each, padded to ``seq_length``) plus ``mrope_position_ids`` [3, s] (Qwen2-VL positions for
+the Qwen2.5 processor, plain positions otherwise), ``pixel_values`` (the processor's layout: Qwen2.5
+patches [patches, C*T*P*P]; fixed-size images [images, C, S, S]) and ``image_grid_thw`` [images, 3]; :func:`collate` stacks the former and
 concatenates the images of a micro-batch in sample order (the order the model scatters them in).
 """
 
@@ -66,7 +67,7 @@ def _open(path: Path):
         raise DataError(f"image {path} cannot be read: {exc}") from None
 
 
-def read_records(paths, processor: Qwen2_5ImageProcessor, on_error: str, stats: Stats) -> list[Record]:
+def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
     out = []
     for file in paths:
         file = Path(file)
@@ -102,7 +103,7 @@ def read_records(paths, processor: Qwen2_5ImageProcessor, on_error: str, stats: 
 
 
 class VLMConversationDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, tokenizer, processor: Qwen2_5ImageProcessor, *, seq_length: int,
+    def __init__(self, paths, tokenizer, processor, *, seq_length: int,
                  image_token: str, vision_start: str, vision_end: str, chat_template: str = "chatml",
                  loss_on: str = "assistant", on_error: str = "raise"):
         self.processor, self.seq_length, self.on_error = processor, seq_length, on_error
@@ -171,8 +172,9 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.arange(s),
-            "mrope_position_ids": mrope_positions(tokens_t, grids, self.image_token_id, p.merge_size),
-            "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0, 3 * p.temporal_patch_size * p.patch_size ** 2),
+            "mrope_position_ids": (mrope_positions(tokens_t, grids, self.image_token_id, p.merge_size)
+                                   if isinstance(p, Qwen2_5ImageProcessor) else torch.arange(s).expand(3, s)),
+            "pixel_values": torch.cat(pixels) if pixels else p.empty_pixels(),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3),
         }
 

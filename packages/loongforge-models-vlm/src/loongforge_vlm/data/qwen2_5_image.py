@@ -77,3 +77,6 @@ class Qwen2_5ImageProcessor:
     def num_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
         return t * h * w // self.merge_size ** 2
+
+    def empty_pixels(self) -> torch.Tensor:
+        return torch.zeros(0, 3 * self.temporal_patch_size * self.patch_size ** 2)
