@@ -13,7 +13,8 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
   ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradfp32`` (fp32 gradient buffer),
   ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
-  instead of the fused one), ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel).
+  instead of the fused one), ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
+  (``torch.compile`` each transformer layer).
 - ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
   ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
 
@@ -168,6 +169,9 @@ def row_ours(section: dict, args, opts: dict) -> dict:
 
             backend.layer_spec = lambda config, model_cfg: local_sdpa_spec(config)
         model = provider.build(config, run, backend=backend).to(args.device)
+        if opts.get("compile"):  # each transformer layer through torch.compile (in place)
+            for layer in model.decoder.layers:
+                layer.compile()
         model = Float16Module(config, model)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=bool(opts.get("gradfp32")), overlap_grad_reduce=False,

@@ -107,8 +107,10 @@ class MeasuredSDPAttention(SDPAttention):
             if key[-1]:  # dropout: every kernel draws its own random numbers; keep torch's choice
                 best, report = None, {"dropout": "torch default"}
             else:
+                grouped = k.shape[1] != q.shape[1]
                 best, report = choose_fastest(
-                    CANDIDATES, lambda c: _time_candidate(q, k, k, mask, causal, self.softmax_scale, c)
+                    [c for c in CANDIDATES if grouped or not c[1]],  # repeating needs grouped KV heads
+                    lambda c: _time_candidate(q, k, k, mask, causal, self.softmax_scale, c),
                 )
             type(self).choices[key], type(self).reports[key] = best, report
         return self.choices[key]

@@ -222,6 +222,9 @@ class LLMProvider:
         )
         if a.rope_scaling is not None:
             install_inv_freq(model.rotary_pos_emb, inv_freq(a.head_dim, a.rope_theta, a.rope_scaling))
+        make_processor = getattr(backend, "output_processor", None)  # e.g. the CUDA backend's fused LM-head loss
+        if make_processor is not None:
+            model.output_processor = make_processor(config)
         return model
 
     # --- weights -------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def runtime(cfg, plugins):
     from megatron.core import parallel_state
 
     backend = select_backend(plugins, cfg.backend)
+    if hasattr(backend, "configure_kernels"):  # the fused kernels a backend plugs in, minus kernels.disable
+        backend.configure_kernels(plugins.registry().kernels.values(), list(cfg.kernels.disable))
     launched = "RANK" in os.environ  # by torchrun; otherwise a world of one
     rank, world, local_rank = ((int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
                                if launched else (0, 1, 0))

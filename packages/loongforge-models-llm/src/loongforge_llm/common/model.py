@@ -13,6 +13,16 @@ from megatron.core.models.gpt import GPTModel
 
 
 class PositionIdsGPTModel(GPTModel):
+    #: ``GPTModel.forward``'s ``output_processor`` for training calls (labels given) that pass
+    #: none, e.g. a backend's fused LM-head cross-entropy; ``None``: megatron-core's own path
+    output_processor = None
+
+    def forward(self, *args, **kwargs):
+        labels = kwargs.get("labels", args[4] if len(args) > 4 else None)
+        if self.output_processor is not None and labels is not None and kwargs.get("output_processor") is None:
+            kwargs["output_processor"] = self.output_processor
+        return super().forward(*args, **kwargs)
+
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
         if position_ids is None or out[1] is None:
