@@ -207,7 +207,6 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         clock = Clock(cuda)
         result = time_steps(step, clock, args.warmup, args.steps)
         result["sdpa"] = {str(k[0]): (v, MeasuredSDPAttention.reports.get(k)) for k, v in MeasuredSDPAttention.choices.items()}
-        del model, optimizer
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
 
@@ -242,7 +241,6 @@ def row_hf(section: dict, args, opts: dict) -> dict:
 
     clock = Clock(args.device == "cuda")
     result = time_steps(step, clock, args.warmup, args.steps)
-    del model, optimizer
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
 

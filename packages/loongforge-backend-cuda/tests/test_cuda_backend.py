@@ -169,25 +169,3 @@ def test_bench_smoke_run_on_cpu(tmp_path):
     assert abs(rows["ours"]["loss"][0] - rows["ours:nokernels"]["loss"][0]) < 1e-2
     assert rows["ours"]["flops_token"] == rows["hf"]["flops_token"] > 0
 
-
-def test_trainer_runtime_configures_kernels_from_config(monkeypatch):
-    """``loongforge run ... kernels.disable=[...]`` reaches the backend before the model is built,
-    and a name that matches no registered kernel stops the run with the config key."""
-    from loongforge.backends.cpu import CpuBackend
-    from loongforge.config.compose import compose_config
-    from loongforge.plugins import get_plugin_manager
-    from loongforge.trainer import runtime as rt
-
-    class KernelRecordingCpu(CpuBackend):  # the CUDA backend's kernel choice, on a CPU device
-        kernels: dict = {}
-        configure_kernels = CudaBackend.configure_kernels
-
-    plugins = get_plugin_manager()
-    monkeypatch.setattr(rt, "select_backend", lambda plugins, requested: KernelRecordingCpu())
-    cfg = compose_config("default", ["kernels.disable=[rope,triton_swiglu]"], registry=plugins.registry())
-    with rt.runtime(cfg, plugins) as r:
-        assert set(r.backend.kernels) == {"rmsnorm", "qk_norm_rope", "fused_linear_cross_entropy"}
-    cfg = compose_config("default", ["kernels.disable=[ropee]"], registry=plugins.registry())
-    with pytest.raises(ConfigError, match=r"kernels\.disable.*'ropee'"):
-        with rt.runtime(cfg, plugins):
-            pass

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from loongforge.modules.attention import SDPAttention
 
 ENV_FORCE = "LOONGFORGE_SDPA_BACKEND"

@@ -8,7 +8,6 @@ import contextlib
 from typing import Any
 
 import torch
-
 from loongforge.backend import Backend
 
 #: dense peak FLOP/s per GPU by device name fragment and dtype (vendor datasheets, no sparsity)
