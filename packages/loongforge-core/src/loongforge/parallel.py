@@ -79,8 +79,8 @@ def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_hea
                           f"(context parallelism cuts each sequence into 2 x cp chunks)")
     if p.tp > 1 and p.sequence_parallel and t.seq_length % (p.tp * p.cp):
         raise LayoutError(f"train.seq_length={t.seq_length} is not divisible by parallel.tp x parallel.cp = "
-                          f"{p.tp} x {p.cp} (sequence parallel splits each rank's {p.cp}-th of the sequence "
-                          f"over tensor-parallel ranks)")
+                          f"{p.tp} x {p.cp} (sequence parallelism splits the seq_length / cp tokens of each "
+                          f"context-parallel rank over the tensor-parallel ranks)")
     return Layout(world_size, p.tp, p.pp, p.cp, p.vpp, dp, t.micro_batch_size, t.global_batch_size)
 
 
