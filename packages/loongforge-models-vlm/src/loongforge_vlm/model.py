@@ -55,13 +55,14 @@ class VLMModel(MegatronModule):
     """One pipeline chunk of a VLM. ``forward`` has the LLM's signature plus the image inputs."""
 
     def __init__(self, language_model: GPTModel, image_encoder=None, image_projector=None, *,
-                 image_token_id: int | None = None, mrope: bool = False):
+                 image_token_id: int | None = None, mrope: bool = False, recompute_encoder: bool = False):
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.image_encoder = image_encoder
         self.image_projector = image_projector
         self.image_token_id = image_token_id
         self.mrope = mrope
+        self.recompute_encoder = recompute_encoder
         self.model_type = language_model.model_type  # read by megatron-core's schedules
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
@@ -74,7 +75,12 @@ class VLMModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        features, restore = self.image_encoder(pixel_values, image_grid_thw)
+        if self.recompute_encoder and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            features, restore = checkpoint(self.image_encoder, pixel_values, image_grid_thw, use_reentrant=False)
+        else:
+            features, restore = self.image_encoder(pixel_values, image_grid_thw)
         return self.image_projector(features, restore)
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, *, pixel_values=None,

@@ -18,6 +18,7 @@ encoder's width, its output the LLM's hidden size).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 from loongforge.config import ConfigError
@@ -33,6 +34,35 @@ def _plain(section: Any) -> dict:
     if isinstance(section, DictConfig):
         return OmegaConf.to_container(section, resolve=True)
     return dict(section)
+
+
+@dataclass(frozen=True)
+class EncoderParallel:
+    """``model.image_encoder.parallel``: how the vision parts run, independently of the LLM's layout.
+
+    ``tp``: the encoder's tensor-parallel size. Only 1: the encoder and projector are plain torch
+    modules, whole on every rank of the first pipeline stage; under LLM TP=N each TP rank runs them
+    on the same images (the LLM's TP ranks share their data), so no collective is involved and no
+    parallel state is consulted or switched. Their data parallelism is the LLM's (megatron-core's
+    DDP reduces their gradients over the data-parallel group, as for any replicated parameter).
+    ``recompute``: recompute the encoder's activations in the backward pass instead of keeping them.
+    """
+
+    tp: int = 1
+    recompute: bool = False
+
+
+def encoder_parallel(section: Any) -> EncoderParallel:
+    s = _plain(section) if section is not None else {}
+    unknown = sorted(set(s) - {f.name for f in fields(EncoderParallel)})
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join('model.image_encoder.parallel.' + k for k in unknown)} "
+                          f"(valid: tp, recompute)")
+    out = EncoderParallel(**s)
+    if out.tp != 1:
+        raise ConfigError(f"config key 'model.image_encoder.parallel.tp' is {out.tp}: only 1 is supported (the encoder "
+                          "is replicated on the LLM's tensor-parallel ranks, whatever parallel.tp is)")
+    return out
 
 
 class VLMProvider:
@@ -71,6 +101,7 @@ class VLMProvider:
         if self.projector_cfg["hidden_size"] != s["foundation"]["hidden_size"]:
             raise ConfigError(f"config key 'model.image_projector.hidden_size' ({self.projector_cfg['hidden_size']}) must "
                               f"equal the LLM's 'model.foundation.hidden_size' ({s['foundation']['hidden_size']})")
+        self.encoder_parallel = encoder_parallel(self.encoder_cfg.get("parallel"))
         self.mrope_section = self._mrope_section(s.get("mrope_section"))
         self.image_token_id = s.get("image_token_id")
 
@@ -136,7 +167,8 @@ class VLMProvider:
         encoder = projector = None
         if pre_process:
             encoder, projector = self.build_vision()
-        return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, mrope=bool(self.mrope_section))
+        return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, mrope=bool(self.mrope_section),
+                        recompute_encoder=self.encoder_parallel.recompute)
 
     # --- weights ---------------------------------------------------------------------------------
     def load_hf_weights(self, chunk, get_hf_tensor, *, tp_rank: int | None = None, tp_size: int | None = None,
