@@ -195,6 +195,37 @@ def cp_attention() -> str:
     return f"cp={world}: " + ", ".join(details)
 
 
+def cp_rope_follows_ids() -> str:
+    """Under CP, the LLM model's rotary angles are those of the rank's position ids even when the
+    ids read 0..s_local-1 (megatron-core's own angles would be the rank's zigzag positions)."""
+    from pathlib import Path
+
+    import loongforge_llm
+    from loongforge.backends.cpu import CpuBackend
+    from loongforge.model_provider import RunSettings
+    from loongforge_llm.provider import LLMProvider
+    from megatron.core import parallel_state
+    from omegaconf import OmegaConf
+
+    world = dist.get_world_size()
+    section = OmegaConf.load(Path(loongforge_llm.__file__).parent / "configs/models/qwen3/qwen3_tiny.yaml")
+    with CpuBackend().activate() as backend:
+        parallel_state.initialize_model_parallel(context_parallel_size=world)
+        try:
+            backend.manual_seed(0)
+            provider = LLMProvider(section)
+            run = RunSettings(cp=world, seq_length=8 * world)
+            model = provider.build(provider.transformer_config(run), run, backend=backend)
+            inv_freq = model.rotary_pos_emb.inv_freq
+            for name, ids in (("0..s-1", torch.arange(8)), ("restarting", torch.tensor([3, 4, 5, 0, 1, 2, 3, 4]))):
+                emb = model._preprocess(torch.zeros(1, 8, dtype=torch.long), ids[None])[1]
+                freqs = ids.float()[:, None] * inv_freq
+                _close(f"RoPE angles for ids {name}", emb[:, 0, 0], torch.cat((freqs, freqs), -1), 0)
+        finally:
+            parallel_state.destroy_model_parallel()
+    return f"cp={world}"
+
+
 def cp_batch_layout() -> str:
     """split_for_context_parallel gives each rank exactly what megatron-core's
     get_batch_on_this_cp_rank gives it, and megatron's RoPE slicing picks the same positions."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-CHECKS = ("collectives", "supplied_collectives", "cp_attention", "cp_batch_layout")
+CHECKS = ("collectives", "supplied_collectives", "cp_attention", "cp_batch_layout", "cp_rope_follows_ids")
 
 
 @pytest.fixture(scope="module")

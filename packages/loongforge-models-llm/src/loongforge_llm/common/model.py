@@ -28,7 +28,12 @@ class PositionIdsGPTModel(GPTModel):
         if position_ids is None or out[1] is None:
             return out
         seq = position_ids.shape[-1]
-        if torch.equal(position_ids, torch.arange(seq, device=position_ids.device).expand_as(position_ids)):
+        # under context parallelism megatron-core's angles are those of this rank's zigzag chunks
+        # (loongforge.modules.attention), not of 0..s-1: a rank's ids that happen to read 0..s-1
+        # must still go through the ids
+        plain = self.config.context_parallel_size == 1 and torch.equal(
+            position_ids, torch.arange(seq, device=position_ids.device).expand_as(position_ids))
+        if plain:
             return out
         inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
         freqs = position_ids.t().to(inv_freq.dtype)[..., None] * inv_freq  # [s, b, d/2]
