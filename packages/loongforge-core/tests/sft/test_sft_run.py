@@ -106,3 +106,41 @@ def test_data_convert_cli(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "b.jsonl").read_text()) == {
         "conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}
+
+
+def test_lora_run_starts_from_a_native_checkpoint_without_adapters(tmp_path):
+    """A full-parameter SFT checkpoint (no adapters) is the base of a LoRA run with
+    checkpoint.weights_only; without weights_only the run refuses to resume its optimizer."""
+    from loongforge.config import ConfigError, compose_config
+    from loongforge.plugins import get_plugin_manager
+    from loongforge.trainer.runtime import runtime
+    from loongforge.trainer.sft import SFTTrainer
+
+    plugins = get_plugin_manager()
+    common = ["train.steps=1", "train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=2",
+              "logging.progress=false", "logging.tensorboard=false", "logging.loss_curve=false"]
+
+    def trainer(rt, *overrides):
+        return SFTTrainer(compose_config("sft_demo", [*common, *overrides]), rt)
+
+    cfg = compose_config("sft_demo", [*common, f"output_dir={tmp_path / 'full'}", "peft.lora.rank=0"])
+    with mock.patch.dict(os.environ), runtime(cfg, plugins) as rt:
+        full = SFTTrainer(cfg, rt)
+        full.fit()
+        weights = {n: p.detach().clone() for n, p in full.model[0].named_parameters()}
+    assert all(p.requires_grad for p in full.model[0].parameters())
+    step = tmp_path / "full/checkpoints/step_00000001"
+
+    load = [f"output_dir={tmp_path / 'lora'}", f"checkpoint.load={step}"]
+    cfg = compose_config("sft_demo", [*common, *load, "checkpoint.weights_only=true"])
+    with mock.patch.dict(os.environ), runtime(cfg, plugins) as rt:
+        lora = SFTTrainer(cfg, rt)
+        params = dict(lora.model[0].named_parameters())
+        assert all(torch.equal(params[n], w) for n, w in weights.items())  # the base: the checkpoint's weights
+        trainable = [n for n, p in params.items() if p.requires_grad]
+        assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+        assert len(params) == len(weights) + len(trainable)
+        assert lora.fit()["last_loss"] > 0
+    with mock.patch.dict(os.environ), runtime(cfg, plugins) as rt:
+        with pytest.raises(ConfigError, match="checkpoint.weights_only=true"):
+            trainer(rt, *load, "checkpoint.weights_only=false")

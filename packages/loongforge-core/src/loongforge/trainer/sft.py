@@ -7,13 +7,18 @@ What differs from pre-training (everything else -- forward step, loss, checkpoin
 * sampling: :class:`loongforge.data.sft.BalancedSampler` re-splits each global batch over the
   data-parallel ranks by estimated cost (``sft.balance_dp``);
 * model: with ``peft.lora.rank > 0`` the base weights are frozen and LoRA adapters added before
-  data-parallel wrapping, so megatron-core's DDP and optimizer only see the adapters.
+  data-parallel wrapping, so megatron-core's DDP and optimizer only see the adapters; a
+  ``checkpoint.load`` without adapters (``weights_only``) is loaded as the base before that.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from megatron.core import parallel_state
 
+from loongforge.config import ConfigError
+from loongforge.trainer import checkpoint as ckpt
 from loongforge.trainer.loop import Trainer
 from loongforge.trainer.model import resolve_model_section
 from loongforge.trainer.runtime import runtime
@@ -35,8 +40,37 @@ class SFTTrainer(Trainer):
     def _prepare_chunks(self, chunks):
         from loongforge.peft.lora import apply_lora_config
 
+        self._base_checkpoint = self._adapterless_checkpoint()
+        if self._base_checkpoint is not None:
+            ckpt.load_checkpoint(self._base_checkpoint, chunks, None, self.rt.backend, load_rng=False)
         self.lora_modules = apply_lora_config(chunks, self.cfg)
         return chunks
+
+    def _adapterless_checkpoint(self) -> Path | None:
+        """``checkpoint.load`` of a LoRA run naming a checkpoint without adapters (pre-training's,
+        a full fine-tune's): its weights are the base, loaded before the adapters exist."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        load = self.cfg.checkpoint.load
+        if self.cfg.peft.lora.rank < 1 or not load or load == "auto":
+            return None
+        path = Path(load)
+        if not (path / "trainer_state.json").is_file():
+            return None  # the trainer's own load names the problem
+        # the tensor names in torch.distributed.checkpoint's metadata (megatron writes that format)
+        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if any(k.endswith(("lora_A", "lora_B")) for k in stored):
+            return None
+        if not self.cfg.checkpoint.weights_only:
+            raise ConfigError(f"config key 'checkpoint.load': {path} holds no LoRA adapters, so it cannot resume "
+                              "this LoRA run's optimizer; set checkpoint.weights_only=true to start from its weights")
+        return path
+
+    def _maybe_resume(self) -> None:
+        if self._base_checkpoint is None:
+            super()._maybe_resume()
+        else:
+            self.hooks.loongforge_on_checkpoint_load(trainer=self, step=self.step, path=str(self._base_checkpoint))
 
     def _cost_b(self) -> float:
         b = self.cfg.sft.cost_b
