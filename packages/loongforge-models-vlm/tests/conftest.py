@@ -20,3 +20,17 @@ def tiny_cfg():
 
     return compose_config("qwen2_5_vl_tiny")
 
+
+
+@pytest.fixture
+def saved_hf_tensors():
+    """``(hf_model, directory) -> tensors``: the model written with ``save_pretrained`` and read
+    back, under the names a published checkpoint uses (transformers renames its in-memory modules
+    when saving)."""
+    from safetensors.torch import load_file
+
+    def save(hf_model, directory) -> dict:
+        hf_model.save_pretrained(directory)
+        return load_file(f"{directory}/model.safetensors")
+
+    return save

@@ -28,7 +28,7 @@ def test_pixel_shuffle_is_invertible_and_groups_blocks():
     assert torch.equal(pixel_shuffle(x, 1), x)
 
 
-def test_logits_match_hf(mcore):
+def test_logits_match_hf(mcore, tmp_path, saved_hf_tensors):
     from loongforge.config import compose_config
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
@@ -51,7 +51,7 @@ def test_logits_match_hf(mcore):
     hf.eval()
     run = RunSettings()
     ours = provider.build(provider.transformer_config(run), run, backend=mcore).eval()
-    sd = hf.state_dict()
+    sd = saved_hf_tensors(hf, tmp_path)
     provider.load_hf_weights(ours, sd.__getitem__)
 
     processor = provider.image_processor()

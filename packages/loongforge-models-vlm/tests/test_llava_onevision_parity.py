@@ -41,11 +41,11 @@ def provider_and_hf(seed: int = 0):
     return provider, hf.eval()
 
 
-def test_logits_match_hf(mcore):
+def test_logits_match_hf(mcore, tmp_path, saved_hf_tensors):
     provider, hf = provider_and_hf()
     run = RunSettings()
     ours = provider.build(provider.transformer_config(run), run, backend=mcore).eval()
-    sd = hf.state_dict()
+    sd = saved_hf_tensors(hf, tmp_path / "hf")  # transformers 5 writes vision_tower.* (alias of vision_tower.vision_model.*)
     provider.load_hf_weights(ours, sd.__getitem__)
 
     processor = provider.image_processor()
@@ -74,9 +74,18 @@ def test_logits_match_hf(mcore):
         text_only = ours(ids, torch.arange(seq).expand(2, seq), None)
     assert (text_only - logits).abs().max() > 1e-3
 
-    # export: every HF tensor the model uses comes back bit-identical; SigLIP's post-norm is unused
-    back = provider.export_hf_weights(ours)
-    assert sorted(set(sd) - set(back)) == ["model.vision_tower.post_layernorm.bias",
-                                           "model.vision_tower.post_layernorm.weight"]
-    for name, t in back.items():
-        assert torch.equal(t, sd[name]), name
+    # export: the published layout (vision_tower.vision_model.*), which transformers loads to the same logits
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in provider.export_hf_weights(ours).items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(provider.hf_config()))
+    again = LlavaOnevisionForConditionalGeneration.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        logits2 = again(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[56, 56]] * 4),
+                        batch_num_images=torch.tensor([2, 2])).logits
+    assert torch.equal(logits2, ref)

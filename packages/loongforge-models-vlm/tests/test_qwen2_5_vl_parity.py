@@ -63,13 +63,13 @@ def sample(processor, images, rng):
     return ids, patches, grids
 
 
-def test_logits_match_hf(mcore, tiny_cfg):
+def test_logits_match_hf(mcore, tiny_cfg, tmp_path, saved_hf_tensors):
     provider = VLMProvider(tiny_model_section(tiny_cfg))
     assert provider.mrope_section == (2, 3, 3)  # auto: head_dim 16 -> 8 rotary dims
     hf = hf_reference(provider)
     run = RunSettings()
     ours = provider.build(provider.transformer_config(run), run, backend=mcore).eval()
-    sd = hf.state_dict()
+    sd = saved_hf_tensors(hf, tmp_path)
     provider.load_hf_weights(ours, sd.__getitem__)
 
     processor = Qwen2_5ImageProcessor.from_encoder_section(provider.encoder_cfg)
@@ -122,12 +122,12 @@ def test_projector_size_mismatch_names_the_key(tiny_cfg):
         VLMProvider(model)
 
 
-def test_hf_round_trip_bit_identical(mcore, tiny_cfg):
+def test_hf_round_trip_bit_identical(mcore, tiny_cfg, tmp_path, saved_hf_tensors):
     provider = VLMProvider(tiny_model_section(tiny_cfg))
     hf = hf_reference(provider, seed=3)
     run = RunSettings()
     ours = provider.build(provider.transformer_config(run), run, backend=mcore)
-    sd = hf.state_dict()
+    sd = saved_hf_tensors(hf, tmp_path)  # the published checkpoint names (visual.*, model.layers.*)
     provider.load_hf_weights(ours, sd.__getitem__)
     back = provider.export_hf_weights(ours)
     assert sorted(back) == sorted(sd)

@@ -186,7 +186,8 @@ class VLMProvider:
             module = getattr(chunk, part)
             if module is None:
                 continue
-            tensors = {n: get_hf_tensor(layout.vision_hf_name(f"{part}.{n}")) for n, _ in module.named_parameters()}
+            tensors = {n: _first_present(get_hf_tensor, layout.vision_hf_candidates(f"{part}.{n}"))
+                       for n, _ in module.named_parameters()}
             load_into(module, tensors)
 
     def export_hf_weights(self, chunk, run: RunSettings | None = None) -> dict[str, Any]:
@@ -256,6 +257,20 @@ class VLMProvider:
             if self.section.get(key) is not None:
                 cfg[key] = self.section[key]
         return cfg
+
+
+def _first_present(get_hf_tensor, names: list[str]):
+    """The tensor of the first of ``names`` the checkpoint has; getters raise different errors for
+    a missing name, so the first name's error is the one reported when none is there."""
+    try:
+        return get_hf_tensor(names[0])
+    except Exception as first:  # noqa: BLE001
+        for alt in names[1:]:
+            try:
+                return get_hf_tensor(alt)
+            except Exception:  # noqa: BLE001
+                continue
+        raise first
 
 
 def hf_config_for(model_cfg: Any) -> dict[str, Any]:
