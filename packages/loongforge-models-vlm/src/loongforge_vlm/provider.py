@@ -25,6 +25,7 @@ from loongforge.config import ConfigError
 from loongforge.model_provider import RunSettings
 from loongforge.registry import load_object
 
+from loongforge_vlm.hf_config import model_cfg_from_hf_config  # noqa: F401 -- read by loongforge-ckpt
 from loongforge_vlm.model_types import LAYOUTS
 
 
@@ -198,6 +199,36 @@ class VLMProvider:
         for ours, hf in self.hf_names(chunk).items():
             out[hf] = chunk.get_parameter(ours).detach()
         return out
+
+    def weight_mapping(self, run: RunSettings | None = None):
+        """The whole model's declarative HF <-> ours rules (``loongforge.weight_mapping``), as the
+        checkpoint converters read them: the LLM family's rules under ``language_model.`` with
+        their HF names re-prefixed by the layout, and one rename per vision parameter, held by the
+        first pipeline stage."""
+        import dataclasses
+
+        import torch
+        from loongforge.weight_mapping import Rename, WeightMapping
+
+        llm = self.llm.weight_mapping(run)
+        rules = []
+        for r in llm.rules:
+            names = {f.name for f in dataclasses.fields(r)}
+            change = {"ours": "language_model." + r.ours}
+            change.update({n: self.layout.llm_hf_name(getattr(r, n)) for n in names
+                           if n.startswith("hf") and isinstance(getattr(r, n), str) and getattr(r, n)})
+            if "stage" in names:
+                change["stage"] = r.where  # the prefix hides what the name says about the stage
+            rules.append(dataclasses.replace(r, **change))
+        with torch.device("meta"):
+            encoder, projector = self.build_vision()
+        for part, module in (("image_encoder", encoder), ("image_projector", projector)):
+            for n, _ in module.named_parameters():
+                ours = f"{part}.{n}"
+                rules.append(Rename(ours=ours, hf=self.layout.vision_hf_name(ours), stage="embedding"))
+        if llm.ignore_hf:
+            raise NotImplementedError("re-prefixing an LLM family's ignore_hf patterns for a VLM layout")
+        return WeightMapping(rules, llm.num_layers, ignore_hf=self.layout.ignore_hf)
 
     def hf_names(self, chunk) -> dict[str, str]:
         """Our vision parameter names -> HF names (for export and inspection)."""
