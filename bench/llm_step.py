@@ -185,17 +185,14 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
                 for group in opt.optimizer.param_groups:
                     group["fused"], group["foreach"] = True, False
-        processor = None if nokernels else backend.output_processor(config)
         vocab = provider.args.vocab_size
 
         def step():
             tokens = torch.randint(0, vocab, (mbs, seq + 1), device=args.device)
             model.zero_grad_buffer()
             optimizer.zero_grad()
-            kwargs = {"labels": tokens[:, 1:]}
-            if processor is not None:
-                kwargs["output_processor"] = processor
-            per_token = model(tokens[:, :-1], None, None, **kwargs)
+            # the fused LM-head loss, when on, is the model's own output_processor (provider.build)
+            per_token = model(tokens[:, :-1], None, None, labels=tokens[:, 1:])
             loss = per_token.float().mean()
             loss.backward()
             model.finish_grad_sync()

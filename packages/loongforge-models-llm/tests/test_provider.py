@@ -139,3 +139,23 @@ def test_every_family_has_mapping_rules(load_size):
         tiny = next((Path(loongforge_llm.__file__).parent / "configs" / "models" / group).glob("*_tiny.yaml")).stem
         p = LLMProvider(load_size(group, tiny))
         assert p.family is f and p.weight_mapping().rules
+
+
+def test_padded_vocab_rows_stay_out_of_the_loss(mcore, load_size):
+    """Padding 300 -> 384 rows changes neither the loss nor the real rows' gradients."""
+    p = LLMProvider(load_size("llama3", "llama3_tiny"))
+    exact = build(p, mcore, RunSettings(make_vocab_size_divisible_by=1))
+    padded = build(p, mcore, RunSettings(make_vocab_size_divisible_by=128))
+    assert padded.real_vocab_size == 300 and exact.real_vocab_size is None
+    with torch.no_grad():
+        for (name, ours), (_, theirs) in zip(padded.named_parameters(), exact.named_parameters()):
+            ours.zero_()[: theirs.shape[0]].copy_(theirs) if "embedding" in name or "output_layer" in name \
+                else ours.copy_(theirs)
+    ids = torch.randint(0, 300, (2, 16))
+    losses = [m(ids, torch.arange(16).expand(2, 16), None, labels=torch.roll(ids, -1, 1)) for m in (exact, padded)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for loss in losses:
+        loss.mean().backward()
+    emb = [m.embedding.word_embeddings.weight.grad for m in (exact, padded)]
+    torch.testing.assert_close(emb[1][:300], emb[0], rtol=1e-5, atol=1e-7)
+    assert not emb[1][300:].any()

@@ -180,7 +180,7 @@ def fused_ce_output_processor(ce, chunk_size: int | None = 2048):
     chunk's fp32 logits at 1 GiB for a 128k vocabulary."""
 
     def processor(*, hidden_states, output_layer, output_weight, labels, runtime_gather_output=None,
-                  compute_language_model_loss, scale_logits, config, **_):
+                  compute_language_model_loss, scale_logits, config, vocab_size=None, **_):
         fusable = (labels is not None and config.tensor_model_parallel_size == 1
                    and not config.sequence_parallel and not getattr(config, "use_mup", False)
                    and getattr(output_layer, "bias", None) is None)
@@ -191,6 +191,7 @@ def fused_ce_output_processor(ce, chunk_size: int | None = 2048):
                 return logits.transpose(0, 1).contiguous()
             return compute_language_model_loss(labels, logits)
         weight = output_weight if output_weight is not None else output_layer.weight
+        weight = weight if vocab_size is None else weight[:vocab_size]  # padded rows stay out of the softmax
         loss = ce(hidden_states, weight, labels.t(), reduction="none", chunk_size=chunk_size)  # [s, b]
         return loss.t()
 

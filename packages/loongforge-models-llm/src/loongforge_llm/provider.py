@@ -96,7 +96,8 @@ class LLMProvider:
 
         The extra rows of the embedding and output layer are zero when loaded from HF and are
         dropped on export; they never change the logits of real tokens
-        (``logits[..., :vocab_size]``), only add entries after them.
+        (``logits[..., :vocab_size]``), only add entries after them, which the loss masks out
+        (``common.model.PositionIdsGPTModel.real_vocab_size``).
         """
         run = run or self._run or RunSettings()
         return _pad_vocab(self.args.vocab_size, max(1, run.make_vocab_size_divisible_by) * run.tp)
@@ -222,6 +223,8 @@ class LLMProvider:
         )
         if a.rope_scaling is not None:
             install_inv_freq(model.rotary_pos_emb, inv_freq(a.head_dim, a.rope_theta, a.rope_scaling))
+        if self.padded_vocab_size(run) != a.vocab_size:
+            model.real_vocab_size = a.vocab_size
         make_processor = getattr(backend, "output_processor", None)  # e.g. the CUDA backend's fused LM-head loss
         if make_processor is not None:
             model.output_processor = make_processor(config)
