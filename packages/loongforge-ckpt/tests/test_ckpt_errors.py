@@ -204,3 +204,26 @@ def test_cli_converts_both_ways_with_tp_pp_and_copies_the_tokenizer(converted, o
     assert main(["convert", "mcore-to-hf", str(out), str(back), "--force"]) == 0
     same_tensors(c["hf"], back)
     assert (back / "model.safetensors").is_file() and not (back / "model.safetensors.index.json").exists()
+
+
+def test_converted_checkpoint_needs_weights_only_to_load(converted):
+    """A converted checkpoint has no optimizer state: loading it for a resume says what to set."""
+    from loongforge.parallel import wrap_data_parallel
+    from loongforge.plugins import get_plugin_manager
+    from loongforge.trainer.checkpoint import CheckpointError, load_checkpoint
+    from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
+    from loongforge.trainer.optim import build_optimizer
+    from loongforge_ckpt.native import megatron_session
+    from omegaconf import OmegaConf
+
+    root = converted("qwen2_tiny")["ckpt"]
+    cfg = OmegaConf.load(root / "config.yaml")
+    plugins = get_plugin_manager()
+    with megatron_session() as backend:
+        chunks = wrap_data_parallel(build_model_chunks(model_provider(cfg, plugins), run_settings(cfg), backend,
+                                                       plugins), cfg)
+        optimizer = build_optimizer(cfg, chunks, backend)
+        with pytest.raises(CheckpointError, match="model weights only .* checkpoint.weights_only=true"):
+            load_checkpoint(root / "step_00000000", chunks, optimizer, backend)
+        state = load_checkpoint(root / "step_00000000", chunks, None, backend, load_rng=False)
+    assert state["weights_only"] is True and state["step"] == 0

@@ -133,6 +133,10 @@ def load_checkpoint(path: str | Path, chunks, optimizer, backend, load_rng: bool
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a LoongForge checkpoint (no trainer_state.json)")
+    state = json.loads(state_file.read_text())
+    if optimizer is not None and state.get("weights_only"):
+        raise CheckpointError(f"{path} holds model weights only (no optimizer state; e.g. converted from HF): "
+                              "load it with checkpoint.weights_only=true")
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(path))
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
@@ -141,4 +145,4 @@ def load_checkpoint(path: str | Path, chunks, optimizer, backend, load_rng: bool
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
     if load_rng and rng_file.is_file():
         backend.set_rng_state(_unflatten_rng(load_file(str(rng_file))))
-    return json.loads(state_file.read_text())
+    return state
