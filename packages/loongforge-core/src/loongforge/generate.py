@@ -35,6 +35,7 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, max_new_tokens: int =
     cfg = OmegaConf.load(root / "config.yaml")
     cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
     cfg.tokenizer.path = str(root / "tokenizer")
+    cfg.model.pop("pretrained", None)  # the saved section is resolved; the checkpoint holds every weight
     plugins = get_plugin_manager()
     with runtime(cfg, plugins) as rt:
         tokenizer = load_tokenizer(cfg, plugins)

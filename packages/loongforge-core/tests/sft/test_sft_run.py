@@ -66,6 +66,7 @@ def test_sft_lora_run_lowers_loss_and_exports(tmp_path):
     assert losses[-1] < losses[0] - 0.1
 
     ckpts = out / "checkpoints"
+    (tmp_path / "base").rename(tmp_path / "base_gone")  # export and generate need the checkpoint alone
     r = run_cli("export-lora", str(ckpts), str(tmp_path / "adapter"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     with mock.patch.dict(os.environ):  # the single-process runtime sets RANK, MASTER_PORT...

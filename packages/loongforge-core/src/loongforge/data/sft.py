@@ -27,9 +27,8 @@ conversations), a deterministic function of the global batch index (resume stays
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,6 @@ from loongforge.data.chat_templates import resolve_chat_template
 from loongforge.data.convert import iter_records, to_messages
 from loongforge.data.errors import DataError
 from loongforge.data.sampler import PretrainingSampler
-
-logger = logging.getLogger(__name__)
 
 BUILTIN_CHAT = {"tiny_chat": "tiny_chat.jsonl"}
 
@@ -174,7 +171,6 @@ class SFTStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     loss_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def packing_efficiency(self) -> float:

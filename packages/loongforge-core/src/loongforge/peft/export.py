@@ -91,6 +91,9 @@ def export_lora(checkpoint: str, out_dir: str, merge: bool = False) -> Path:
         raise LoongForgeError(f"{root}/config.yaml: this run has no LoRA adapters (peft.lora.rank is 0)")
     cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
     cfg.train.precision = "fp32"
+    # the saved model section is already resolved and the checkpoint holds the base weights too:
+    # the HF base directory is only named in the adapter config, it need not exist any more
+    base_model = cfg.model.pop("pretrained", None)
     plugins = get_plugin_manager()
     with runtime(cfg, plugins) as rt:
         provider = model_provider(cfg, plugins)
@@ -108,4 +111,4 @@ def export_lora(checkpoint: str, out_dir: str, merge: bool = False) -> Path:
             return out
         names = [n for n, _ in model.named_parameters()]
         return save_adapter(model, provider.weight_mapping().matching(names), out_dir, rank=lora.rank,
-                            alpha=lora.alpha, dropout=lora.dropout, base_model=cfg.model.get("pretrained"))
+                            alpha=lora.alpha, dropout=lora.dropout, base_model=base_model)

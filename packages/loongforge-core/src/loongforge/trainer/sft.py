@@ -25,6 +25,8 @@ from loongforge.trainer.runtime import runtime
 
 
 class SFTTrainer(Trainer):
+    """The pre-training :class:`Trainer` with the three differences of the module docstring."""
+
     def __init__(self, cfg, rt):
         self._balance_log: list[tuple[float, float]] = []
         super().__init__(cfg, rt)
