@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loongforge.trainer.checkpoint import atomic_write_text
 from torch.overrides import TorchFunctionMode
 
 from loongforge_ckpt.errors import ConversionError
@@ -350,15 +351,6 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
         for n in names:
             shutil.copyfile(src / n, dst / n)
     return names
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:

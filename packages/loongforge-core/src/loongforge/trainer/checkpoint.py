@@ -72,7 +72,8 @@ def _unflatten_rng(flat: dict[str, torch.Tensor]) -> dict:
     return state
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` so that a crash leaves the old content or the new, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -96,13 +97,13 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, trainer_stat
     dist_checkpointing.save(_sharded_state(chunks, optimizer), str(tmp))
     save_file(_flatten_rng(backend.rng_state()), str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
     if rank == 0:
-        _atomic_write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
     dist.barrier()
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write(root / LATEST, final.name)
+        atomic_write_text(root / LATEST, final.name)
         _prune(root, keep_last)
     dist.barrier()
     return final
