@@ -252,6 +252,17 @@ def cp_batch_layout() -> str:
                                                parallel_state.get_context_parallel_group())
             if not torch.equal(rope[:, 0].long(), ours["cp_positions"]):
                 raise AssertionError(f"RoPE positions {rope[:, 0].tolist()} != {ours['cp_positions'].tolist()}")
+            # a task whose forward step forgets the cut is refused instead of attending wrongly
+            from loongforge.config import ConfigError
+            from loongforge.trainer.batches import model_inputs
+
+            try:
+                model_inputs(batch, "cpu", True)
+            except ConfigError as exc:
+                if "parallel.cp" not in str(exc):
+                    raise
+            else:
+                raise AssertionError("model_inputs took a batch not cut for context parallelism")
         finally:
             parallel_state.destroy_model_parallel()
     return f"cp={world}"

@@ -68,7 +68,19 @@ def model_inputs(batch: dict, device, document_attention: bool) -> dict:
 
     A batch from :func:`split_for_context_parallel` gets the [b, 1, s_local, s] mask of its
     queries against the whole sequence; ``None`` (plain causal) when the sample is one document.
+    Under context parallelism an uncut batch is refused: the attention would silently mix every
+    rank's whole sequence.
     """
+    if "cp_positions" not in batch:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+            from loongforge.config import ConfigError
+
+            raise ConfigError(
+                f"config key 'parallel.cp' = {parallel_state.get_context_parallel_world_size()}: this task's "
+                f"forward step passes whole sequences; cut each micro-batch with "
+                f"loongforge.trainer.batches.split_for_context_parallel first (as the pretrain task does)")
     tokens = batch["tokens"].to(device, non_blocking=True)
     all_segments = batch.get("kv_segment_ids", batch.get("segment_ids"))
     single_doc = all_segments is None or bool((all_segments == all_segments[:, :1]).all())
