@@ -1,5 +1,6 @@
 """``model.image_encoder.parallel``: recompute gives the gradients of a normal backward; an
-unsupported encoder TP size or an unknown key fails naming the key."""
+unsupported encoder TP size or an unknown key fails naming the key. (Encoder TP = LLM TP = 2 in
+two processes: ``test_parallel.py``.)"""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_recompute_gives_the_same_gradients(mcore, tiny_cfg):
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-6, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("key,value,match", [("tp", 2, r"model.image_encoder.parallel.tp' is 2"),
+@pytest.mark.parametrize("key,value,match", [("tp", 0, r"model.image_encoder.parallel.tp' must be a positive"),
                                              ("pp", 1, r"model.image_encoder.parallel.pp")])
 def test_bad_parallel_settings_name_the_key(tiny_cfg, key, value, match):
     model_cfg = tiny_cfg.model.copy()
@@ -52,3 +53,13 @@ def test_bad_parallel_settings_name_the_key(tiny_cfg, key, value, match):
         model_cfg.image_encoder.parallel[key] = value
     with pytest.raises(ConfigError, match=match):
         VLMProvider(model_cfg)
+
+
+def test_encoder_tp_must_be_one_or_the_llms(mcore, tiny_cfg):
+    model_cfg = tiny_cfg.model.copy()
+    with open_dict(model_cfg):
+        model_cfg.image_encoder.parallel.tp = 2
+    provider = VLMProvider(model_cfg)
+    run = RunSettings()  # LLM tp=1
+    with pytest.raises(ConfigError, match=r"model.image_encoder.parallel.tp' is 2: it must be 1 .* \(1\)"):
+        provider.build(provider.transformer_config(run), run, backend=mcore)

@@ -3,7 +3,9 @@
 - heterogeneous TP: the vision encoder and projector stay whole (TP=1, replicated on every TP
   rank) while the LLM runs TP=2;
 - PP=2: the encoder and projector exist on the first pipeline stage only, the LLM's layers are
-  split over the two stages.
+  split over the two stages;
+- encoder TP=2 with LLM TP=2 (``custom_combined``: InternViT x Qwen3): the encoder's heads and MLP
+  columns split over the LLM's TP group.
 
 All runs start from the same weights (an HF-layout safetensors checkpoint made here and loaded
 with ``model.pretrained``), so any difference would come from the parallel layout.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import loongforge_vlm
 import pytest
+import torch
 
 CONFIG = Path(loongforge_vlm.__file__).parent / "configs" / "qwen2_5_vl_tiny.yaml"
 STEPS = 4
@@ -88,3 +91,37 @@ def test_vision_parts_only_on_the_first_stage(mcore, tiny_cfg):
     assert first.image_encoder is not None and first.image_projector is not None
     assert last.image_encoder is None and last.image_projector is None
     assert not any(n.startswith("image_") for n, _ in last.named_parameters())
+
+
+def test_encoder_tp2_llm_tp2_matches_one_process(tmp_path):
+    """Weights: a tiny InternVL checkpoint as transformers' ``save_pretrained`` writes it. The
+    2-process run also saves at step 2 (encoder weights and optimizer state split over the TP
+    group); one process resumes from it and its step 3 equals the reference's."""
+    from loongforge.config import compose_config
+    from loongforge.testing import run_cli
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from loongforge_vlm.data.shapes import write_shapes
+    from loongforge_vlm.provider import VLMProvider
+
+    common = ["model.foundation.vocab_size=1280", "train.steps=3", "checkpoint.save_final=false"]
+    cfg = dict(VLMProvider(compose_config("custom_combined", common).model).hf_config())
+    cfg.pop("architectures"), cfg.pop("model_type")
+    torch.manual_seed(0)
+    InternVLForConditionalGeneration(InternVLConfig(**cfg)).save_pretrained(tmp_path / "weights")
+    data = write_shapes(tmp_path / "shapes", n=32)
+    common += [f"data.paths=[{data}]", f"model.pretrained={tmp_path / 'weights'}"]
+    one = run_cli("run", "custom_combined", f"output_dir={tmp_path / 'one'}", *common, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli("run", "custom_combined", "--nproc-per-node", "2", "parallel.tp=2", "model.image_encoder.parallel.tp=2",
+                  f"output_dir={tmp_path / 'two'}", *common, "checkpoint.save_interval=2", timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert abs(la - lb) / la < 1e-5 and abs(ga - gb) / ga < 1e-4, (a, b)
+    resumed = run_cli("run", "custom_combined", f"output_dir={tmp_path / 'resumed'}", *common,
+                      f"checkpoint.load={tmp_path / 'two' / 'checkpoints' / 'step_00000002'}", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (lc, gc), = _losses(tmp_path / "resumed")
+    assert abs(lc - a[2][0]) / a[2][0] < 1e-5 and abs(gc - a[2][1]) / a[2][1] < 1e-4, (a, lc, gc)

@@ -41,11 +41,15 @@ def _plain(section: Any) -> dict:
 class EncoderParallel:
     """``model.image_encoder.parallel``: how the vision parts run, independently of the LLM's layout.
 
-    ``tp``: the encoder's tensor-parallel size. Only 1: the encoder and projector are plain torch
-    modules, whole on every rank of the first pipeline stage; under LLM TP=N each TP rank runs them
-    on the same images (the LLM's TP ranks share their data), so no collective is involved and no
-    parallel state is consulted or switched. Their data parallelism is the LLM's (megatron-core's
-    DDP reduces their gradients over the data-parallel group, as for any replicated parameter).
+    ``tp``: the encoder's tensor-parallel size, 1 or the LLM's ``parallel.tp``. With 1 the encoder
+    and projector are plain torch modules, whole on every rank of the first pipeline stage: under
+    LLM TP=N each TP rank runs them on the same images (the LLM's TP ranks share their data). With
+    the LLM's size, the encoder's attention heads and MLP columns are split over the LLM's TP group
+    (``components.tensor_parallel``; the group is handed to the encoder when it is built, no global
+    parallel state is switched); the projector stays whole. Sizes in between would need their own
+    process groups plus gradient-norm and checkpoint bookkeeping megatron-core has no hook for.
+    Data parallelism is the LLM's (megatron-core's DDP reduces the encoder's gradients over the
+    data-parallel group).
     ``recompute``: recompute the encoder's activations in the backward pass instead of keeping them.
     """
 
@@ -60,9 +64,8 @@ def encoder_parallel(section: Any) -> EncoderParallel:
         raise ConfigError(f"unknown config key(s) {', '.join('model.image_encoder.parallel.' + k for k in unknown)} "
                           f"(valid: tp, recompute)")
     out = EncoderParallel(**s)
-    if out.tp != 1:
-        raise ConfigError(f"config key 'model.image_encoder.parallel.tp' is {out.tp}: only 1 is supported (the encoder "
-                          "is replicated on the LLM's tensor-parallel ranks, whatever parallel.tp is)")
+    if not isinstance(out.tp, int) or out.tp < 1:
+        raise ConfigError(f"config key 'model.image_encoder.parallel.tp' must be a positive integer, got {out.tp!r}")
     return out
 
 
@@ -168,8 +171,25 @@ class VLMProvider:
         encoder = projector = None
         if pre_process:
             encoder, projector = self.build_vision()
+            self._shard_encoder(encoder, run)
         return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, mrope=bool(self.mrope_section),
                         recompute_encoder=self.encoder_parallel.recompute)
+
+    def _shard_encoder(self, encoder, run: RunSettings) -> None:
+        tp = self.encoder_parallel.tp
+        if tp == 1:
+            return
+        key = "model.image_encoder.parallel.tp"
+        if tp != run.tp:
+            raise ConfigError(f"config key '{key}' is {tp}: it must be 1 (replicated) or the LLM's parallel.tp ({run.tp})")
+        from megatron.core import parallel_state
+
+        from loongforge_vlm.components.tensor_parallel import shard
+
+        try:
+            shard(encoder, parallel_state.get_tensor_model_parallel_group(), key=key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     # --- weights ---------------------------------------------------------------------------------
     def load_hf_weights(self, chunk, get_hf_tensor, *, tp_rank: int | None = None, tp_size: int | None = None,
@@ -187,8 +207,8 @@ class VLMProvider:
             module = getattr(chunk, part)
             if module is None:
                 continue
-            tensors = {n: _first_present(get_hf_tensor, layout.vision_hf_candidates(f"{part}.{n}"))
-                       for n, _ in module.named_parameters()}
+            tensors = {n: _tp_slice(module, p, _first_present(get_hf_tensor, layout.vision_hf_candidates(f"{part}.{n}")))
+                       for n, p in module.named_parameters()}
             load_into(module, tensors)
 
     def export_hf_weights(self, chunk, run: RunSettings | None = None) -> dict[str, Any]:
@@ -288,6 +308,16 @@ class VLMProvider:
             if self.section.get(key) is not None:
                 cfg[key] = self.section[key]
         return cfg
+
+
+def _tp_slice(module, param, full):
+    """This rank's part of a full HF tensor for a parameter split by ``components.tensor_parallel``."""
+    if not getattr(param, "tensor_model_parallel", False) or getattr(module, "tp_group", None) is None:
+        return full
+    import torch.distributed as dist
+
+    group = module.tp_group
+    return full.chunk(dist.get_world_size(group), param.partition_dim)[dist.get_rank(group)]
 
 
 def _first_present(get_hf_tensor, names: list[str]):

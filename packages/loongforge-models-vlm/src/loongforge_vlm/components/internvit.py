@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loongforge_vlm.components.common import component_args
+from loongforge_vlm.components.tensor_parallel import Shardable
 from loongforge_vlm.components.siglip import activation
 
 
@@ -51,7 +52,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.projection_layer(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h))
+        return self.projection_layer(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -99,7 +100,11 @@ class Embeddings(nn.Module):
         return x + self.position_embeddings
 
 
-class InternViT(nn.Module):
+class InternViT(Shardable, nn.Module):
+    #: tensor-parallel split (``model.image_encoder.parallel.tp``): heads and MLP columns
+    TP_PLAN = {r"layers\.\d+\.attention\.[qkv]_proj": "column", r"layers\.\d+\.attention\.projection_layer": "row",
+               r"layers\.\d+\.mlp\.fc1": "column", r"layers\.\d+\.mlp\.fc2": "row"}
+
     def __init__(self, a: InternViTArgs):
         super().__init__()
         self.args = a

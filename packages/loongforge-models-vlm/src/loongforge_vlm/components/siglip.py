@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loongforge_vlm.components.common import component_args
+from loongforge_vlm.components.tensor_parallel import Shardable
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SelfAttention(nn.Module):
         b, t, h = x.shape
         q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         o = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(o.transpose(1, 2).reshape(b, t, h))
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -93,7 +94,11 @@ class Embeddings(nn.Module):
         return x + self.position_embedding.weight
 
 
-class SiglipViT(nn.Module):
+class SiglipViT(Shardable, nn.Module):
+    #: tensor-parallel split (``model.image_encoder.parallel.tp``): heads and MLP columns
+    TP_PLAN = {r"layers\.\d+\.self_attn\.[qkv]_proj": "column", r"layers\.\d+\.self_attn\.out_proj": "row",
+               r"layers\.\d+\.mlp\.fc1": "column", r"layers\.\d+\.mlp\.fc2": "row"}
+
     def __init__(self, a: SiglipArgs):
         super().__init__()
         self.args = a
