@@ -40,7 +40,11 @@ TWO_PROCESS = {
     "cp2": ["parallel.cp=2"],
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
 }
-FOUR_PROCESS = {"tp2_pp2": ["parallel.tp=2", "parallel.pp=2"]}
+FOUR_PROCESS = {
+    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
+    # sequence parallelism builds a TransformerBlock spec per pipeline stage (modules.layer_spec)
+    "tp2_sp_pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"],
+}
 CLI_CASE = ("qwen3", "tp2")
 RUN_YAML = {
     # seq 32 divides 2 x cp and tp; 4 sequences a step: 2 micro-batches of 2 in one process,
@@ -152,9 +156,10 @@ def test_two_process_layout_matches_single_process(reference, two_process, famil
     check_parity(reference[family], losses(two_process / family / layout), f"{family} {layout}")
 
 
-@pytest.mark.parametrize("family", list(MODELS))
-def test_tp2_x_pp2_on_four_processes_matches_single_process(reference, four_process, family):
-    check_parity(reference[family], losses(four_process / family / "tp2_pp2"), f"{family} tp2_pp2")
+@pytest.mark.parametrize(("family", "layout"), [pytest.param(f, lay, id=f"{f}-{lay}") for f in MODELS
+                                                for lay in FOUR_PROCESS])
+def test_four_process_layout_matches_single_process(reference, four_process, family, layout):
+    check_parity(reference[family], losses(four_process / family / layout), f"{family} {layout}")
 
 
 def test_two_node_cli_launch_matches_single_process(reference, through_cli):
