@@ -25,9 +25,8 @@ def test_hf_to_ours_to_hf_bit_identical(tmp_path, layout):
     pytest.importorskip("loongforge_ckpt")  # the converters' package (not a dependency of this one)
     from loongforge_ckpt.hf_to_mcore import convert_hf_to_mcore
     from loongforge_ckpt.mcore_to_hf import convert_mcore_to_hf
-    from safetensors.torch import load_file, save_file
-
     from loongforge_vlm.provider import VLMProvider
+    from safetensors.torch import load_file, save_file
 
     config, cls = CASES[layout]
     model = OmegaConf.create(OmegaConf.to_container(compose_config(config).model, resolve=True))

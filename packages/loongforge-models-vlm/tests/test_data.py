@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from loongforge.data.errors import DataError
-
 from loongforge_vlm.data.conversations import VLMConversationDataset, collate
 from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
 from loongforge_vlm.data.shapes import shape_image

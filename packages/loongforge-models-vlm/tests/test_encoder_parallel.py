@@ -8,11 +8,10 @@ import pytest
 import torch
 from loongforge.config import ConfigError
 from loongforge.model_provider import RunSettings
-from omegaconf import open_dict
-
 from loongforge_vlm.data.positions import mrope_positions
 from loongforge_vlm.data.shapes import shape_image
 from loongforge_vlm.provider import VLMProvider
+from omegaconf import open_dict
 
 
 def encoder_grads(mcore, cfg, recompute: bool) -> dict[str, torch.Tensor]:

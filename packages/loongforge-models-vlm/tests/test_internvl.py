@@ -8,11 +8,10 @@ import re
 
 import torch
 from loongforge.model_provider import RunSettings
-from omegaconf import OmegaConf, open_dict
-
 from loongforge_vlm.components.internvl_mlp import pixel_shuffle, pixel_unshuffle
 from loongforge_vlm.data.shapes import shape_image
 from loongforge_vlm.provider import VLMProvider
+from omegaconf import OmegaConf, open_dict
 
 REL_TOL = 1e-5
 VOCAB, IMAGE = 300, 299

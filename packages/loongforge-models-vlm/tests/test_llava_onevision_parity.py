@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 from loongforge.model_provider import RunSettings
-from omegaconf import OmegaConf, open_dict
-
 from loongforge_vlm.data.shapes import shape_image
 from loongforge_vlm.provider import VLMProvider
+from omegaconf import OmegaConf, open_dict
 
 REL_TOL = 1e-5
 VOCAB, IMAGE = 300, 299

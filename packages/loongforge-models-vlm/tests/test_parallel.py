@@ -35,10 +35,9 @@ def setup(tmp_path_factory, mcore):
     from loongforge.config import compose_config
     from loongforge.model_provider import RunSettings
     from loongforge.testing import run_cli
-    from safetensors.torch import save_file
-
     from loongforge_vlm.data.shapes import write_shapes
     from loongforge_vlm.provider import VLMProvider
+    from safetensors.torch import save_file
 
     tmp = tmp_path_factory.mktemp("parallel")
     # qwen3_tiny has 2 KV heads (TP=2 splits them); the Qwen2.5 tiny LLM has one
@@ -74,14 +73,13 @@ def test_two_processes_match_one(setup, layout):
     assert two.returncode == 0, two.stderr[-3000:]
     b = _losses(out)
     assert len(b) == STEPS
-    for (la, ga), (lb, gb) in zip(a, b):
+    for (la, ga), (lb, gb) in zip(a, b, strict=True):
         assert abs(la - lb) / la < 1e-5 and abs(ga - gb) / ga < 1e-4, (a, b)
 
 
 def test_vision_parts_only_on_the_first_stage(mcore, tiny_cfg):
     """What the provider builds per pipeline stage: encoder + projector with the embedding."""
     from loongforge.model_provider import RunSettings
-
     from loongforge_vlm.provider import VLMProvider
 
     provider = VLMProvider(tiny_cfg.model)
@@ -99,10 +97,9 @@ def test_encoder_tp2_llm_tp2_matches_one_process(tmp_path):
     group); one process resumes from it and its step 3 equals the reference's."""
     from loongforge.config import compose_config
     from loongforge.testing import run_cli
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
     from loongforge_vlm.data.shapes import write_shapes
     from loongforge_vlm.provider import VLMProvider
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     common = ["model.foundation.vocab_size=1280", "train.steps=3", "checkpoint.save_final=false"]
     cfg = dict(VLMProvider(compose_config("custom_combined", common).model).hf_config())
@@ -118,7 +115,7 @@ def test_encoder_tp2_llm_tp2_matches_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 3
-    for (la, ga), (lb, gb) in zip(a, b):
+    for (la, ga), (lb, gb) in zip(a, b, strict=True):
         assert abs(la - lb) / la < 1e-5 and abs(ga - gb) / ga < 1e-4, (a, b)
     resumed = run_cli("run", "custom_combined", f"output_dir={tmp_path / 'resumed'}", *common,
                       f"checkpoint.load={tmp_path / 'two' / 'checkpoints' / 'step_00000002'}", timeout=600)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from loongforge.model_provider import RunSettings
-from omegaconf import OmegaConf, open_dict
-
 from loongforge_vlm.data.positions import mrope_positions
 from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
 from loongforge_vlm.data.shapes import shape_image
 from loongforge_vlm.provider import VLMProvider
+from omegaconf import OmegaConf, open_dict
 
 REL_TOL = 1e-5
 VOCAB = 300

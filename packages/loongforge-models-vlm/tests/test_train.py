@@ -31,7 +31,6 @@ def test_swapping_the_llm_trains(tmp_path, group, name):
     Qwen3: QK-norm, head_dim 32 -> MRoPE split 4/6/6) and its loss falls over 5 steps."""
     from loongforge.config import compose_config
     from loongforge.plugins import get_plugin_manager
-
     from loongforge_vlm.data.shapes import write_shapes
     from loongforge_vlm.task import run_vlm_sft
 

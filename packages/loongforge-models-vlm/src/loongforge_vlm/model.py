@@ -10,10 +10,9 @@ multimodal RoPE (temporal/height/width position ids, one per section of the rota
 from __future__ import annotations
 
 import torch
+from loongforge_llm.common.model import PositionIdsGPTModel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
-
-from loongforge_llm.common.model import PositionIdsGPTModel
 
 
 class MRopeGPTModel(PositionIdsGPTModel):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from megatron.core import parallel_state
-
 from loongforge.config import ConfigError
 from loongforge.trainer.batches import masked_token_loss, model_inputs
 from loongforge.trainer.loop import Trainer
 from loongforge.trainer.runtime import runtime
+from megatron.core import parallel_state
 
 BUILTIN_SHAPES = "builtin:shapes"
 
@@ -76,9 +75,8 @@ class VLMTrainer(Trainer):
         return out
 
     def _batches(self, dataset, consumed_samples: int):
-        from torch.utils.data import DataLoader
-
         from loongforge.data.sampler import PretrainingSampler
+        from torch.utils.data import DataLoader
 
         from loongforge_vlm.data.conversations import collate
 

@@ -6,9 +6,8 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import nn
-
 from loongforge.config import ConfigError
+from torch import nn
 
 
 class RMSNorm(nn.Module):

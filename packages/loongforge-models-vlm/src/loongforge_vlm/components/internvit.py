@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loongforge_vlm.components.common import component_args
-from loongforge_vlm.components.tensor_parallel import Shardable
 from loongforge_vlm.components.siglip import activation
+from loongforge_vlm.components.tensor_parallel import Shardable
 
 
 @dataclass(frozen=True)

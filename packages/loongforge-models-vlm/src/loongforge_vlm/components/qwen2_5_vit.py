@@ -94,7 +94,7 @@ class VisionAttention(nn.Module):
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
         outs = []
-        for qs, ks, vs in zip(q.split(spans), k.split(spans), v.split(spans)):
+        for qs, ks, vs in zip(q.split(spans), k.split(spans), v.split(spans), strict=True):
             o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
             outs.append(o.transpose(0, 1))
         return self.proj(torch.cat(outs).reshape(n, -1))

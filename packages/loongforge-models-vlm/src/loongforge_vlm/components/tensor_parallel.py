@@ -118,7 +118,10 @@ class Shardable:
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core import parallel_state
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         group = self.tp_group or parallel_state.get_tensor_model_parallel_group()  # replicas: TP rank 0 saves

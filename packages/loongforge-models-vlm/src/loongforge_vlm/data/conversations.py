@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from loongforge.data.errors import DataError
 from loongforge.data.sft import ChatEncoder
 from loongforge.data.tokenizer import pad_token_id
@@ -158,7 +157,7 @@ class VLMConversationDataset(torch.utils.data.Dataset):
         loss_mask = np.zeros(s, dtype=np.float32)
         tokens[:n], labels[:n], loss_mask[:n] = ids[:-1], ids[1:], mask[1:]
         pixels, grids = [], []
-        for path, grid in zip(rec.images, rec.grids):
+        for path in rec.images:
             try:
                 p, g = self.processor(_open(path))
             except DataError as exc:
