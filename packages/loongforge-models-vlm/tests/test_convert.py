@@ -56,3 +56,12 @@ def test_hf_to_ours_to_hf_bit_identical(tmp_path, layout):
     for name, t in back.items():
         assert torch.equal(t, tensors[name]), name
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == layout
+
+
+def test_unsupported_feature_readout_is_refused():
+    from loongforge.config import ConfigError
+    from loongforge_vlm.hf_config import model_cfg_from_hf_config
+
+    with pytest.raises(ConfigError, match=r"config.json vision_feature_layer=-2"):
+        model_cfg_from_hf_config({"model_type": "llava_onevision", "vision_feature_layer": -2,
+                                  "text_config": {"model_type": "qwen2"}, "vision_config": {}})

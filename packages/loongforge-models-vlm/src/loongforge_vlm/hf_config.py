@@ -32,6 +32,9 @@ SECTIONS: dict[str, tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]
     ),
 }
 
+#: layout -> the feature read-out our encoders implement: (vision_feature_layer, vision_feature_select_strategy)
+READOUT = {"llava_onevision": (-1, "full"), "internvl": (-1, "default")}
+
 #: text_config model types that are a registered LLM family's under another name
 TEXT_MODEL_TYPES = {"qwen2_5_vl_text": "qwen2"}
 
@@ -67,6 +70,12 @@ def model_cfg_from_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     if model_type not in SECTIONS:
         raise ConfigError(f"config.json model_type {model_type!r}: no VLM layout (known: {', '.join(SECTIONS)})")
     (enc_name, enc_keys), (proj_name, proj_keys) = SECTIONS[model_type]
+    if model_type in READOUT:
+        layer, strategy = READOUT[model_type]
+        got = (hf.get("vision_feature_layer", layer), hf.get("vision_feature_select_strategy", strategy))
+        if got != (layer, strategy):
+            raise ConfigError(f"config.json vision_feature_layer={got[0]}, vision_feature_select_strategy={got[1]!r}: "
+                              f"the {model_type} layout reads the last layer ({layer}) with strategy {strategy!r}")
     text = dict(hf.get("text_config") or {})
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
