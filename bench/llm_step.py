@@ -203,7 +203,8 @@ def row_ours(section: dict, args, opts: dict) -> dict:
 
         clock = Clock(cuda)
         result = time_steps(step, clock, args.warmup, args.steps)
-        result["sdpa"] = {str(k[0]): (v, MeasuredSDPAttention.reports.get(k)) for k, v in MeasuredSDPAttention.choices.items()}
+        result["sdpa"] = {str(k[0]): (str(v), {str(c): t for c, t in (MeasuredSDPAttention.reports.get(k) or {}).items()})
+                          for k, v in MeasuredSDPAttention.choices.items()}
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
 

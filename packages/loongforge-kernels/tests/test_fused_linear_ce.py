@@ -167,7 +167,7 @@ def test_fused_ce_none_uniform_gradient_uses_forward_gradients(kt, dtype, monkey
     """A masked-mean style upstream gradient (one value on non-ignored tokens, anything on ignored
     ones): backward only rescales, results match the reference, and speculation stays on."""
     hidden, weight, labels = _inputs(kt, dtype, seed=4)
-    grad_out = torch.where(labels != -100, 0.37, torch.randn(labels.shape)).to(kt.device)
+    grad_out = torch.where(labels != -100, 0.37, torch.randn(labels.shape, device=labels.device))
     recomputed = []
     real = fce._run_chunks
     monkeypatch.setattr(fce, "_run_chunks", lambda *a, **k: recomputed.append(1) or real(*a, **k))

@@ -62,8 +62,18 @@ def _compare(kt, fused, ref, inputs, dtype, fused_grad_fn_name, max_ulps=None):
         # Same rounding points as the reference: only fp32 last-bit noise may flip a bf16 rounding.
         frac = (out != ref_out).float().mean().item()
         assert frac < 0.02, f"{frac:.4f} of bf16 outputs differ from the reference"
-        ulps = (out.float() - ref_out.float()).abs() / _bf16_ulp(ref_out)
-        assert ulps.max().item() <= max_ulps, f"bf16 outputs differ by up to {ulps.max().item()} ulp"
+        # Against the fp32 truth, element by element, the kernel is at most max_ulps less accurate
+        # than the bf16 reference (which may round intermediates, e.g. x * w after normalising).
+        with torch.no_grad():
+            truth = ref(*[t.float() if t.dtype == torch.bfloat16 else t for t in inputs]).float()
+        ulp = _bf16_ulp(truth)
+        # fp32 arithmetic noise at the tensor's scale (FMA vs. separate ops): near-cancelling outputs
+        # (RoPE's x*cos - x'*sin) have bf16 ulps far below it
+        noise = 4 * torch.finfo(torch.float32).eps * truth.abs().amax()
+        kernel_err, ref_err = (((t.float() - truth).abs() - noise).clamp(min=0) / ulp for t in (out, ref_out))
+        excess = (kernel_err - ref_err).max().item()
+        assert excess <= max_ulps, (f"bf16 outputs are up to {excess:.2f} ulp further from the fp32 truth "
+                                    f"than the reference's (kernel max {kernel_err.max().item():.2f} ulp)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

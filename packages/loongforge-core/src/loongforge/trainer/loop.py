@@ -143,9 +143,10 @@ class Trainer:
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
-        totals = torch.zeros(2, dtype=torch.float64)
+        # on the device: NCCL reduces only device tensors
+        totals = torch.zeros(2, dtype=torch.float64, device=self.rt.backend.device())
         for item in losses or ():
-            totals += torch.stack([item["loss_sum"].double().cpu(), item["tokens"].double().cpu()])
+            totals += torch.stack([item["loss_sum"].double(), item["tokens"].double()])
         # every model-parallel copy of a data-parallel replica adds the same numbers to both sums
         dist.all_reduce(totals)
         return totals[0].item(), totals[1].item()
