@@ -213,3 +213,68 @@ def test_safetensors_getter(tmp_path):
         get("missing")
     assert m.unmapped_hf(list(sd) + ["mtp.0.w", "other"]) == ["mtp.0.w", "other"]
     assert WeightMapping(rules(), L, ignore_hf=[r"mtp\..*"]).unmapped_hf(["mtp.0.w"]) == []
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tp_ranks_read_only_their_slices(tmp_path, tied):
+    """From safetensors, each TP rank's tensors equal shard(combine(full)) while it reads only
+    its share of the sharded tensors from the file (replicated norms are read whole)."""
+    from safetensors.torch import save_file
+
+    sd = hf_state(tied)
+    save_file(sd, tmp_path / "model.safetensors")
+    m = WeightMapping(rules(tied), L)
+    get = safetensors_getter(tmp_path)
+    read = []
+
+    def counting_slice(name):
+        lazy = get.slice(name)
+
+        class Counted:
+            def get_shape(self):
+                return lazy.get_shape()
+
+            def __getitem__(self, index):
+                t = lazy[index]
+                read.append(t.numel())
+                return t
+
+        return Counted()
+
+    def counting(name):
+        raise AssertionError(f"{name} read whole")
+
+    counting.slice = counting_slice
+    total = sum(t.numel() for t in sd.values())
+    replicated = sum(t.numel() for n, t in sd.items() if "norm" in n)
+    per_rank = []
+    for rank in range(2):
+        read.clear()
+        sliced = m.hf_to_ours(counting, rank, 2)
+        full = m.hf_to_ours(lambda n: sd[n], rank, 2)
+        assert sliced.keys() == full.keys()
+        assert all(torch.equal(sliced[k], full[k]) for k in full)
+        per_rank.append(sum(read))
+    print(f"elements read per TP rank: {per_rank} of {total} ({replicated} replicated norms)")
+    assert sum(per_rank) == total + replicated  # every sharded element read by exactly one rank
+
+
+@pytest.mark.parametrize("rank", range(4))
+def test_vocab_rows_read_with_padding_per_rank(tmp_path, rank):
+    from safetensors.torch import save_file
+
+    emb = torch.randn(V, H)
+    save_file({"emb": emb}, tmp_path / "e.safetensors")
+    rule = VocabRows(hf="emb", ours="e", vocab_size=V, padded_vocab_size=VP)
+    lazy = {"emb": safetensors_getter(tmp_path / "e.safetensors").slice("emb")}
+    assert torch.equal(rule.read_shard(lazy, rank, 4, "e"), rule.shard(rule.combine({"emb": emb}, "e"), rank, 4, "e"))
+
+
+def test_sliced_read_checks_shapes_first(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"emb": torch.randn(V + 1, H)}, tmp_path / "e.safetensors")
+    rule = VocabRows(hf="emb", ours="e", vocab_size=V, padded_vocab_size=VP)
+    lazy = {"emb": safetensors_getter(tmp_path / "e.safetensors").slice("emb")}
+    with pytest.raises(MappingError, match="expected 11 vocabulary rows"):
+        rule.read_shard(lazy, 0, 2, "e")

@@ -21,7 +21,8 @@ ranks:
 
 * :meth:`WeightMapping.hf_to_ours` builds the tensors of one model chunk (one TP rank, the layers
   of one pipeline stage) from a tensor getter, so a loader can stream an HF checkpoint tensor by
-  tensor (:meth:`WeightMapping.hf_names` lists what it will ask for);
+  tensor (:meth:`WeightMapping.hf_names` lists what it will ask for); given a getter with lazy
+  slices (:func:`safetensors_getter`), each TP rank reads only its own rows/columns from disk;
 * :meth:`WeightMapping.ours_to_hf` turns a full (TP=1, all layers) state dict back into HF tensors;
 * :meth:`WeightMapping.shard` / :meth:`WeightMapping.merge_tp` split a full parameter for a TP
   rank and merge per-rank shards back (the fused MLP input is not a plain concatenation).
@@ -100,6 +101,14 @@ def _chunk(t: torch.Tensor, dim: int, tp_rank: int, tp_size: int, name: str) -> 
     return t.chunk(tp_size, dim=dim)[tp_rank]
 
 
+def _read_part(hf_slice, dim: int, tp_rank: int, tp_size: int, name: str) -> torch.Tensor:
+    """TP rank ``tp_rank``'s equal part along ``dim`` of a lazy safetensors slice."""
+    shape = tuple(hf_slice.get_shape())
+    _check_divisible(shape[dim], tp_size, f"dim {dim} of shape {shape}", name)
+    n = shape[dim] // tp_size
+    return hf_slice[(slice(None),) * dim + (slice(tp_rank * n, (tp_rank + 1) * n),)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rule:
     """One parameter of our model, made of one or more HF tensors.
@@ -130,6 +139,17 @@ class Rule:
     def merge(self, shards: Sequence[torch.Tensor], name: str) -> torch.Tensor:
         """The full parameter from every TP rank's part (inverse of :meth:`shard`)."""
         raise NotImplementedError
+
+    def _read_shard(self, hf_slices: dict, tp_rank: int, tp_size: int, name: str) -> torch.Tensor:
+        """:meth:`shard` of :meth:`combine`, reading only what the rank needs from lazy slices."""
+        return self.shard(self.combine({p: sl[:] for p, sl in hf_slices.items()}, name), tp_rank, tp_size, name)
+
+    def read_shard(self, hf_slices: dict, tp_rank: int, tp_size: int, name: str, layer: int | None = None):
+        """TP rank ``tp_rank``'s part from lazy HF slices (keyed by pattern; ``get_shape()`` and
+        ``[a:b, ...]`` as safetensors' ``get_slice`` gives them), equal to ``shard(combine(...))``."""
+        # the shape checks of combine, on meta tensors: errors name the HF tensor before any read
+        self.combine({p: torch.empty(sl.get_shape(), device="meta") for p, sl in hf_slices.items()}, name, layer)
+        return self._read_shard(hf_slices, tp_rank, tp_size, name)
 
     # --- common ------------------------------------------------------------------------------
     @property
@@ -193,6 +213,10 @@ class Rename(Rule):
     def merge(self, shards, name):
         return _merge_dim(shards, self.tp_dim, name)
 
+    def _read_shard(self, hf_slices, tp_rank, tp_size, name):
+        sl = hf_slices[self.hf]
+        return sl[:] if self.tp_dim is None or tp_size == 1 else _read_part(sl, self.tp_dim, tp_rank, tp_size, name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class VocabRows(Rule):
@@ -237,6 +261,14 @@ class VocabRows(Rule):
 
     def merge(self, shards, name):
         return torch.cat(list(shards), dim=0)
+
+    def _read_shard(self, hf_slices, tp_rank, tp_size, name):
+        _check_divisible(self.padded_vocab_size, tp_size, "padded_vocab_size", name)
+        n = self.padded_vocab_size // tp_size
+        start, stop = tp_rank * n, (tp_rank + 1) * n
+        rows = hf_slices[self.hf][min(start, self.vocab_size):min(stop, self.vocab_size)]
+        pad = n - rows.shape[0]  # this rank's share of the zero padding rows
+        return torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))]) if pad else rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,6 +354,16 @@ class FusedQKV(Rule):
     def merge(self, shards, name):
         return torch.cat(list(shards), dim=0)
 
+    def _read_shard(self, hf_slices, tp_rank, tp_size, name):
+        _check_divisible(self.num_query_groups, tp_size, "num_query_groups", name)
+        groups, hpg, d = self.num_query_groups // tp_size, self._heads_per_group, self.head_dim
+        first = tp_rank * groups
+        local = {self.hf_q: hf_slices[self.hf_q][first * hpg * d:(first + groups) * hpg * d],
+                 self.hf_k: hf_slices[self.hf_k][first * d:(first + groups) * d],
+                 self.hf_v: hf_slices[self.hf_v][first * d:(first + groups) * d]}
+        # this rank's groups are a model of their own in the same layout
+        return dataclasses.replace(self, num_heads=groups * hpg, num_query_groups=groups).combine(local, name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class FusedGateUp(Rule):
@@ -357,6 +399,9 @@ class FusedGateUp(Rule):
             return full
         gate, up = self._halves(full, name)
         return torch.cat([_chunk(gate, 0, tp_rank, tp_size, name), _chunk(up, 0, tp_rank, tp_size, name)], dim=0)
+
+    def _read_shard(self, hf_slices, tp_rank, tp_size, name):
+        return torch.cat([_read_part(hf_slices[p], 0, tp_rank, tp_size, name) for p in (self.hf_gate, self.hf_up)])
 
     def merge(self, shards, name):
         halves = [self._halves(s, name) for s in shards]
@@ -472,12 +517,16 @@ class WeightMapping:
         """
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is outside tp_size {tp_size}")
+        get_slice = getattr(get_hf_tensor, "slice", None) if tp_size > 1 else None
         out: dict[str, torch.Tensor] = {}
         for rule, layer, local in self._selected(self._layers(layers, layer_offset, num_local_layers), pre_process, post_process):
-            name = _fmt(rule.ours, local)
+            name, where = _fmt(rule.ours, local), _fmt(rule.ours, layer)
+            if get_slice is not None:  # read only this rank's rows/columns
+                hf_slices = {p: get_slice(_fmt(p, layer)) for p in rule.hf_patterns()}
+                out[name] = rule.read_shard(hf_slices, tp_rank, tp_size, where, layer).contiguous()
+                continue
             hf = {p: get_hf_tensor(_fmt(p, layer)) for p in rule.hf_patterns()}
-            full = rule.combine(hf, _fmt(rule.ours, layer), layer)
-            out[name] = rule.shard(full, tp_rank, tp_size, _fmt(rule.ours, layer)).contiguous()
+            out[name] = rule.shard(rule.combine(hf, where, layer), tp_rank, tp_size, where).contiguous()
         return out
 
     def ours_to_hf(
@@ -551,7 +600,8 @@ def load_into(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, s
 
 def safetensors_getter(path: str | os.PathLike) -> Callable[[str], torch.Tensor]:
     """A tensor getter over an HF checkpoint directory (``model.safetensors`` or sharded with
-    ``model.safetensors.index.json``) or a single ``.safetensors`` file; opens files lazily."""
+    ``model.safetensors.index.json``) or a single ``.safetensors`` file; opens files lazily.
+    ``getter.slice(name)`` gives safetensors' lazy slice, for reading one TP rank's part."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -571,7 +621,7 @@ def safetensors_getter(path: str | os.PathLike) -> Callable[[str], torch.Tensor]
             files, where = {None: single}, None
     handles: dict[str, Any] = {}
 
-    def get(name: str) -> torch.Tensor:
+    def handle(name: str):
         file = files[None] if where is None else where.get(name)
         if file is None:
             raise KeyError(f"HF checkpoint {path} has no tensor {name!r}")
@@ -580,9 +630,22 @@ def safetensors_getter(path: str | os.PathLike) -> Callable[[str], torch.Tensor]
                 handles[file] = safe_open(file, framework="pt")
             except Exception as exc:  # safetensors' own error type, e.g. a truncated file
                 raise MappingError(f"{file}: cannot read tensor {name!r}: {exc} (truncated or corrupt file?)") from exc
+        return handles[file]
+
+    def get(name: str) -> torch.Tensor:
+        h = handle(name)
         try:
-            return handles[file].get_tensor(name)
+            return h.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error type for missing keys
             raise KeyError(f"HF checkpoint {path} has no tensor {name!r}") from exc
 
+    def get_slice(name: str):
+        """A lazy view: ``[a:b, ...]`` reads only those elements from the file."""
+        h = handle(name)
+        try:
+            return h.get_slice(name)
+        except Exception as exc:
+            raise KeyError(f"HF checkpoint {path} has no tensor {name!r}") from exc
+
+    get.slice = get_slice
     return get

@@ -16,12 +16,15 @@ from loongforge.config import ConfigError
 from loongforge.trainer.batches import masked_token_loss, model_inputs
 from loongforge.trainer.loop import Trainer
 from loongforge.trainer.runtime import runtime
-from megatron.core import parallel_state
+
+from loongforge_vlm.data.conversations import collate as collate_conversations
 
 BUILTIN_SHAPES = "builtin:shapes"
 
 
 class VLMTrainer(Trainer):
+    collate = staticmethod(collate_conversations)  # images and their grids ride along
+
     def build_datasets(self):
         from loongforge_vlm.data.conversations import VLMConversationDataset
 
@@ -73,20 +76,6 @@ class VLMTrainer(Trainer):
             else:
                 out += resolve_chat_path(p)
         return out
-
-    def _batches(self, dataset, consumed_samples: int):
-        from loongforge.data.sampler import PretrainingSampler
-        from torch.utils.data import DataLoader
-
-        from loongforge_vlm.data.conversations import collate
-
-        sampler = PretrainingSampler(
-            len(dataset), micro_batch_size=self.cfg.train.micro_batch_size,
-            global_batch_size=self.cfg.train.global_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
-            consumed_samples=consumed_samples, seed=self.cfg.seed,
-        )
-        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)

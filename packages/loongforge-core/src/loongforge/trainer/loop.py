@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
+from loongforge.data.packing import collate as collate_packed
 from loongforge.parallel import configure_pipeline_schedule
 from loongforge.plugins import lookup
 from loongforge.registry import load_object
@@ -82,11 +83,13 @@ class Trainer:
         """Change the built (and pretrained-loaded) chunks before data-parallel wrapping (e.g. LoRA)."""
         return chunks
 
+    #: samples -> one micro-batch; a task whose samples carry more (e.g. images) swaps it
+    collate = staticmethod(collate_packed)
+
     def _batches(self, dataset, consumed_samples: int):
         """This rank's micro-batches from ``consumed_samples`` on (resumable to the sample)."""
         from torch.utils.data import DataLoader
 
-        from loongforge.data.packing import collate
         from loongforge.data.sampler import PretrainingSampler
 
         sampler = PretrainingSampler(
@@ -95,7 +98,7 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
             consumed_samples=consumed_samples, seed=self.cfg.seed,
         )
-        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
