@@ -86,8 +86,8 @@ def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> lis
 
 
 def load_pretrained(provider, chunks, path: str) -> None:
-    """Each rank reads the tensors of its own pipeline stage from the HF safetensors and keeps
-    its tensor-parallel slice."""
+    """Each rank reads from the HF safetensors only its pipeline stage's tensors, and of those
+    only its tensor-parallel rows/columns (``WeightMapping.hf_to_ours`` with lazy slices)."""
     from loongforge.weight_mapping import safetensors_getter
 
     get = safetensors_getter(path)
