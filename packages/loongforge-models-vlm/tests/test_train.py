@@ -13,13 +13,20 @@ CONFIG = Path(loongforge_vlm.__file__).parent / "configs" / "qwen2_5_vl_tiny.yam
 FOUNDATION_LINE = "- /models/qwen2_5@model.foundation: qwen2.5_tiny"
 
 
-def test_loongforge_run_lowers_loss(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_loongforge_run_lowers_loss(tmp_path, packing):
+    """Also with ``sft.packing=true`` (several conversations and their images per row, kept apart
+    by the document mask)."""
     from loongforge.testing import run_cli
 
-    out = run_cli("run", "qwen2_5_vl_tiny", f"output_dir={tmp_path}", "train.steps=8", timeout=600)
+    extra = ["sft.packing=true", "data.document_attention=true"] if packing else []
+    out = run_cli("run", "qwen2_5_vl_tiny", f"output_dir={tmp_path}", "train.steps=8", *extra, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "vlm data: 64 conversations with 64 images; 0 skipped" in text
+    if packing:
+        rows = int(re.search(r"packed into (\d+) sequences", text).group(1))
+        assert rows < 64, rows
     first, last = map(float, re.search(r"loss: ([\d.]+) \(first step\) -> ([\d.]+) \(step 8\)", text).groups())
     assert last < first - 0.5, (first, last)
     assert (tmp_path / "checkpoints" / "step_00000008").is_dir()

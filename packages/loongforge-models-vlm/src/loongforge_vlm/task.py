@@ -5,6 +5,8 @@ Only what is multimodal differs from ``loongforge.trainer.loop.Trainer``: the da
 variable-size images, the image inputs passed to the model's forward, and the image token id,
 which the model takes from the tokenizer unless ``model.image_token_id`` sets it. Everything else
 (parallel layout, optimizer, schedule, checkpoints, metrics, lifecycle hooks) is the core's.
+``sft.packing`` packs several conversations into a row and ``data.document_attention`` keeps
+them from attending to each other, as in the core's ``sft`` task.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class VLMTrainer(Trainer):
         make = functools.partial(
             VLMConversationDataset, tokenizer=self.tokenizer, processor=processor, seq_length=cfg.train.seq_length,
             image_token=layout.image_token, vision_start=layout.vision_start_token, vision_end=layout.vision_end_token,
-            chat_template=cfg.sft.chat_template, loss_on=cfg.sft.loss_on, on_error=cfg.data.on_error)
+            chat_template=cfg.sft.chat_template, loss_on=cfg.sft.loss_on, on_error=cfg.data.on_error,
+            pack=bool(cfg.sft.packing), seed=cfg.seed)
         train = make(self._paths(cfg.data.paths))
         valid = make(self._paths(cfg.data.valid_paths)) if cfg.data.valid_paths else None
         self.data_stats = train.stats
@@ -80,7 +83,7 @@ class VLMTrainer(Trainer):
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         device = self.rt.backend.device()
-        inputs = model_inputs(batch, device, document_attention=False)
+        inputs = model_inputs(batch, device, document_attention=self.cfg.data.document_attention)
         for key in ("pixel_values", "image_grid_thw", "mrope_position_ids"):
             inputs[key] = batch[key].to(device)
         output = model(**inputs)

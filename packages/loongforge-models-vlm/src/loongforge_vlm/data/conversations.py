@@ -14,6 +14,12 @@ A sample holds the pre-training keys (``tokens``, ``labels``, ``loss_mask``, ``p
 the Qwen2.5 processor, plain positions otherwise), ``pixel_values`` (the processor's layout: Qwen2.5
 patches [patches, C*T*P*P]; fixed-size images [images, C, S, S]) and ``image_grid_thw`` [images, 3]; :func:`collate` stacks the former and
 concatenates the images of a micro-batch in sample order (the order the model scatters them in).
+
+With ``pack`` (``sft.packing``) several conversations share a row (the core's best-fit decreasing
+bins, :func:`loongforge.data.sft.pack_best_fit`): ``position_ids`` and the three mrope axes restart
+at 0 for each conversation (each computed as for that conversation alone), ``segment_ids`` number
+the conversations (padding is one more segment) for ``data.document_attention``, and the row's
+images are its conversations' images in order, so the model scatters each at its own tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from loongforge.data.errors import DataError
-from loongforge.data.sft import ChatEncoder
+from loongforge.data.sft import ChatEncoder, pack_best_fit
 from loongforge.data.tokenizer import pad_token_id
 
 from loongforge_vlm.data.positions import mrope_positions
@@ -48,9 +54,17 @@ class Stats:
     images: int = 0
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
+    packed: bool = False
+    sequences: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
 
     def summary(self) -> str:
-        return f"{self.samples} conversations with {self.images} images; {self.skipped} skipped"
+        out = f"{self.samples} conversations with {self.images} images; {self.skipped} skipped"
+        if self.packed:
+            out += (f"; packed into {self.sequences} sequences, packing efficiency "
+                    f"{self.real_tokens / max(1, self.padded_tokens):.1%}")
+        return out
 
 
 def _open(path: Path):
@@ -104,9 +118,9 @@ def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
 class VLMConversationDataset(torch.utils.data.Dataset):
     def __init__(self, paths, tokenizer, processor, *, seq_length: int,
                  image_token: str, vision_start: str, vision_end: str, chat_template: str = "chatml",
-                 loss_on: str = "assistant", on_error: str = "raise"):
-        self.processor, self.seq_length, self.on_error = processor, seq_length, on_error
-        self.stats = Stats()
+                 loss_on: str = "assistant", on_error: str = "raise", pack: bool = False, seed: int = 0):
+        self.processor, self.seq_length, self.on_error, self.pack = processor, seq_length, on_error, pack
+        self.stats = Stats(packed=pack)
         self.encoder = ChatEncoder(tokenizer, chat_template, loss_on)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.pad_id = pad_token_id(tokenizer)
@@ -126,6 +140,11 @@ class VLMConversationDataset(torch.utils.data.Dataset):
         self.stats.samples = len(self.records)
         if not self.records:
             raise DataError(f"no usable conversations in {list(map(str, paths))} ({self.stats.summary()})")
+        lengths = [len(ids) - 1 for _, ids, _ in self.records]
+        self.bins = pack_best_fit(lengths, seq_length, seed) if pack else [[i] for i in range(len(self.records))]
+        self.stats.sequences = len(self.bins)
+        self.stats.real_tokens = sum(lengths)
+        self.stats.padded_tokens = len(self.bins) * seq_length
 
     def _encode(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
         image, start, end = self.tokens
@@ -146,16 +165,9 @@ class VLMConversationDataset(torch.utils.data.Dataset):
         return ids, mask
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.bins)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rec, ids, mask = self.records[i]
-        s = self.seq_length
-        n = len(ids) - 1
-        tokens = np.full(s, self.pad_id, dtype=np.int64)
-        labels = np.full(s, self.pad_id, dtype=np.int64)
-        loss_mask = np.zeros(s, dtype=np.float32)
-        tokens[:n], labels[:n], loss_mask[:n] = ids[:-1], ids[1:], mask[1:]
+    def _images(self, rec: Record):
         pixels, grids = [], []
         for path in rec.images:
             try:
@@ -164,18 +176,48 @@ class VLMConversationDataset(torch.utils.data.Dataset):
                 raise DataError(f"{rec.where}: {exc}") from None
             pixels.append(p)
             grids.append(g)
-        tokens_t = torch.from_numpy(tokens)
-        p = self.processor
-        return {
-            "tokens": tokens_t,
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "position_ids": torch.arange(s),
-            "mrope_position_ids": (mrope_positions(tokens_t, grids, self.image_token_id, p.merge_size)
-                                   if isinstance(p, Qwen2_5ImageProcessor) else torch.arange(s).expand(3, s)),
+        return pixels, grids
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s, p = self.seq_length, self.processor
+        tokens = torch.full((s,), self.pad_id, dtype=torch.long)
+        labels = torch.full((s,), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros(s, dtype=torch.float32)
+        position_ids = torch.zeros(s, dtype=torch.long)
+        mrope = torch.zeros(3, s, dtype=torch.long)
+        segment_ids = torch.zeros(s, dtype=torch.long)
+        pixels, grids = [], []
+        at = 0
+        for seg, r in enumerate(self.bins[int(i)]):
+            rec, ids, mask = self.records[r]
+            n = len(ids) - 1
+            ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
+            loss_mask[at:at + n] = torch.from_numpy(np.asarray(mask[1:], dtype=np.float32))
+            rec_pixels, rec_grids = self._images(rec)
+            position_ids[at:at + n] = torch.arange(n)
+            mrope[:, at:at + n] = (mrope_positions(ids[:-1], rec_grids, self.image_token_id, p.merge_size)
+                                   if isinstance(p, Qwen2_5ImageProcessor) else torch.arange(n))
+            segment_ids[at:at + n] = seg
+            pixels += rec_pixels
+            grids += rec_grids
+            at += n
+        if at < s:  # padding: continues the last conversation's positions; its own segment
+            position_ids[at:] = position_ids[at - 1] + 1 + torch.arange(s - at)
+            mrope[:, at:] = mrope[:, at - 1].max() + 1 + torch.arange(s - at)
+            segment_ids[at:] = segment_ids[at - 1] + 1
+        out = {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": position_ids,
+            "mrope_position_ids": mrope,
             "pixel_values": torch.cat(pixels) if pixels else p.empty_pixels(),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3),
         }
+        if self.pack:
+            out["segment_ids"] = segment_ids
+        return out
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
