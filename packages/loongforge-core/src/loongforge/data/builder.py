@@ -176,13 +176,15 @@ def build_pretrain_dataloader(
     shuffle: bool = True,
     total_samples: int | None = None,
     num_workers: int = 0,
+    collate_fn=collate,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of this rank's ``[micro_batch_size, S]`` batches, resumable at ``consumed_samples``."""
+    """A DataLoader of this rank's ``[micro_batch_size, S]`` batches, resumable at ``consumed_samples``
+    (``collate_fn``: samples -> micro-batch, for datasets whose samples carry more than tokens)."""
     sampler = PretrainingSampler(
         len(dataset), micro_batch_size, global_batch_size, dp_rank, dp_size,
         consumed_samples=consumed_samples, seed=seed, shuffle=shuffle, total_samples=total_samples,
     )  # fmt: skip
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )  # fmt: skip

@@ -88,17 +88,14 @@ class Trainer:
 
     def _batches(self, dataset, consumed_samples: int):
         """This rank's micro-batches from ``consumed_samples`` on (resumable to the sample)."""
-        from torch.utils.data import DataLoader
+        from loongforge.data.builder import build_pretrain_dataloader
 
-        from loongforge.data.sampler import PretrainingSampler
-
-        sampler = PretrainingSampler(
-            len(dataset), micro_batch_size=self.cfg.train.micro_batch_size,
+        return iter(build_pretrain_dataloader(
+            dataset, micro_batch_size=self.cfg.train.micro_batch_size,
             global_batch_size=self.cfg.train.global_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
-            consumed_samples=consumed_samples, seed=self.cfg.seed,
-        )
-        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate))
+            consumed_samples=consumed_samples, seed=self.cfg.seed, collate_fn=self.collate,
+        ))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
