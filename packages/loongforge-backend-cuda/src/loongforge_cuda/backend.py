@@ -1,6 +1,6 @@
 """The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
 the fast layer: SDPA with the kernel measured fastest per shape, plus the registered fused kernels
-(RMSNorm, SwiGLU, RoPE, LM-head cross-entropy) minus ``kernels.disable``."""
+(RMSNorm, SwiGLU, RoPE, QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class CudaBackend(Backend):
         from loongforge_cuda.modules import apply_kernels
 
         spec = local_sdpa_spec(config, core_attention=MeasuredSDPAttention)
-        return apply_kernels(spec, {op: self.kernel(op) for op in ("rmsnorm", "swiglu") if op in self.kernels})
+        ops = ("rmsnorm", "swiglu", "qk_norm_rope")
+        return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
 
     def output_processor(self, config):
         """A ``GPTModel.forward`` ``output_processor`` with the fused LM-head loss, or ``None``."""

@@ -7,6 +7,8 @@
   (megatron's own fusion is a jit-scripted bias+SwiGLU).
 - RoPE: megatron's attention calls ``apply_rotary_pos_emb`` from its module namespace; the backend
   swaps it while active (:func:`rope_patch`) for one that runs the fused kernel where it applies.
+- QK-norm + RoPE (Qwen3): layers with ``q_layernorm``/``k_layernorm`` get the attention of
+  :mod:`loongforge_cuda.qk_norm_rope`, which runs norm and RoPE of q and of k in one kernel each.
 - LM-head + cross-entropy: :func:`fused_ce_output_processor` is a ``GPTModel.forward``
   ``output_processor`` that computes the per-token loss in chunks, never materialising the
   ``[tokens, vocab]`` logits.
@@ -24,6 +26,19 @@ import torch
 import torch.nn.functional as F
 
 
+class FusedRMSNorm(torch.nn.Module):
+    """RMSNorm over the last dim through ``rms_norm(x, weight, eps)`` (a registered kernel)."""
+
+    def __init__(self, hidden_size: int, eps: float, rms_norm):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.rms_norm = rms_norm
+
+    def forward(self, x):
+        return self.rms_norm(x, self.weight, self.eps)
+
+
 def fused_norm(rms_norm, *, sequence_parallel_mark: bool) -> type:
     """A norm builder (``ModuleSpec`` module) for RMSNorm through ``rms_norm(x, weight, eps)``;
     LayerNorm configs get ``loongforge.modules.norm``'s torch norms."""
@@ -31,20 +46,11 @@ def fused_norm(rms_norm, *, sequence_parallel_mark: bool) -> type:
 
     fallback = LocalNorm if sequence_parallel_mark else LocalHeadNorm
 
-    class FusedRMSNorm(torch.nn.Module):
-        def __init__(self, hidden_size: int, eps: float):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(hidden_size))
-            self.eps = eps
-
-        def forward(self, x):
-            return rms_norm(x, self.weight, self.eps)
-
     class Builder:
         def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
             if config.normalization != "RMSNorm":
                 return fallback(config, hidden_size, eps, **kwargs)
-            norm = FusedRMSNorm(hidden_size, eps)
+            norm = FusedRMSNorm(hidden_size, eps, rms_norm)
             if sequence_parallel_mark:
                 norm.weight.sequence_parallel = bool(config.sequence_parallel)
             return norm
@@ -95,24 +101,30 @@ def _with_mlp_class(mlp, cls):
 def apply_kernels(spec, ops: dict):
     """``spec`` (a layer or block spec of ``loongforge.modules.layer_spec``) with the fused
     modules for the operators in ``ops`` (``{op: callable}``)."""
-    norm, swiglu = ops.get("rmsnorm"), ops.get("swiglu")
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norm, swiglu, qk_norm_rope = ops.get("rmsnorm"), ops.get("swiglu"), ops.get("qk_norm_rope")
 
     def layer(ls):
         sub = ls.submodules
         changes = {}
+        attn = sub.self_attention
+        qk_norms = [n for n in ("q_layernorm", "k_layernorm")
+                    if getattr(attn.submodules, n, IdentityOp) not in (IdentityOp, None)]
         if norm is not None:
             hidden_norm = fused_norm(norm, sequence_parallel_mark=True)
             changes.update(input_layernorm=hidden_norm, pre_mlp_layernorm=hidden_norm)
-            attn = sub.self_attention
-            a_sub = attn.submodules
             head_norm = fused_norm(norm, sequence_parallel_mark=False)
-            from megatron.core.transformer.identity_op import IdentityOp
+            if qk_norms:
+                attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+                    attn.submodules, **{n: head_norm for n in qk_norms}))
+        if qk_norm_rope is not None and len(qk_norms) == 2 and attn.module is SelfAttention:
+            from loongforge_cuda.qk_norm_rope import qk_norm_rope_attention
 
-            a_changes = {n: head_norm for n in ("q_layernorm", "k_layernorm")
-                         if getattr(a_sub, n, IdentityOp) not in (IdentityOp, None)}
-            if a_changes:
-                changes["self_attention"] = dataclasses.replace(
-                    attn, submodules=dataclasses.replace(a_sub, **a_changes))
+            attn = dataclasses.replace(attn, module=qk_norm_rope_attention(qk_norm_rope))
+        if attn is not sub.self_attention:
+            changes["self_attention"] = attn
         if swiglu is not None:
             changes["mlp"] = _with_mlp_class(sub.mlp, fused_swiglu_mlp(swiglu))
         return dataclasses.replace(ls, submodules=dataclasses.replace(sub, **changes)) if changes else ls

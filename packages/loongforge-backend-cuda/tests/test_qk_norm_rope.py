@@ -1,0 +1,183 @@
+"""Qwen3's QK-norm + RoPE in one kernel (``loongforge_cuda.qk_norm_rope``) through the CUDA
+backend's layer spec: with the kernel on and off (``kernels.disable=[qk_norm_rope]``) a tiny Qwen3
+computes the same logits and gradients, the fused kernel really runs (calls counted), the cases it
+does not cover fall back, and a model without QK-norm keeps megatron's attention.
+
+On CPU the Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by the root
+conftest); on a GPU (``-m gpu``) the same comparison runs compiled, in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from loongforge_cuda import modules
+from loongforge_cuda.backend import CudaBackend
+from loongforge_kernels.plugin import KERNELS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "loongforge-models-llm/src/loongforge_llm/configs/models"
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or (not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton (compiled on CUDA, or Triton's CPU interpreter)")
+
+
+class CountingBackend(CudaBackend):
+    """The CUDA backend whose ``qk_norm_rope`` and ``rope`` kernels count their calls."""
+
+    def __init__(self, disable=()):
+        super().__init__()
+        self.calls = {"qk_norm_rope": 0, "rope": 0}
+        self.configure_kernels(KERNELS, disable)
+
+    def kernel(self, op):
+        fn = super().kernel(op)
+        if op not in self.calls or fn is None:
+            return fn
+
+        def counted(*args):
+            self.calls[op] += 1
+            return fn(*args)
+
+        return counted
+
+
+@pytest.fixture(scope="module")
+def mcore():
+    from loongforge.testing import single_process_megatron
+
+    with single_process_megatron() as backend:
+        yield backend
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")  # the Triton kernels, also on CPU tensors
+
+
+def _build(name, backend, *, seq=16, bf16=False, device="cpu"):
+    from loongforge.model_provider import RunSettings
+    from loongforge_llm.provider import LLMProvider
+
+    provider = LLMProvider(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+    run = RunSettings(seq_length=seq, bf16=bf16)
+    config = provider.transformer_config(run)
+    torch.manual_seed(0)
+    model = provider.build(config, run, backend=backend).to(device)
+    return model.to(torch.bfloat16) if bf16 else model, provider, config
+
+
+def _attention_classes(model):
+    return {type(layer.self_attention).__name__ for layer in model.decoder.layers}
+
+
+def _run(model, backend, tokens, position_ids=None, weights=None):
+    """Logits and every parameter's gradient of ``sum(logits * weights)``."""
+    model.zero_grad(set_to_none=True)
+    with modules.rope_patch(lambda: backend.kernel("rope") if "rope" in backend.kernels else None):
+        logits = model(tokens, position_ids, None)
+    (logits.float() * weights).sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu"):
+    """Fused on vs off: -> (calls on, calls off, logits/grads max rel err)."""
+    on, off = CountingBackend(extra_disable), CountingBackend(["qk_norm_rope", *extra_disable])
+    fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device)
+    plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device)
+    fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, provider.args.vocab_size, (batch, seq), generator=g).to(device)
+    weights = torch.rand(batch, seq, fused.vocab_size, generator=g).to(device)  # non-uniform upstream grad
+    pos = None if position_ids is None else position_ids.to(device)
+    logits_on, grads_on = _run(fused, on, tokens, pos, weights)
+    logits_off, grads_off = _run(plain, off, tokens, pos, weights)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    errs = {"logits": rel(logits_on, logits_off)}
+    errs.update({n: rel(grads_on[n], grads_off[n]) for n in grads_off})
+    return fused, plain, on.calls, off.calls, errs, config
+
+
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
+@pytest.mark.parametrize("extra_disable", [(), ("rmsnorm",)], ids=["fused-norms", "torch-norms"])
+def test_qwen3_fused_qk_norm_rope_matches_separate_norm_and_rope(mcore, extra_disable):
+    """Same weights, same tokens: logits and every gradient agree (fp32) with the separate q/k
+    norm modules + fused RoPE, and q/k never go through the separate RoPE."""
+    fused, plain, calls_on, calls_off, errs, config = _compare("qwen3/qwen3_tiny", extra_disable)
+    assert _attention_classes(fused) == {"QKNormRoPESelfAttention"}
+    assert _attention_classes(plain) == {"SelfAttention"}
+    layers = config.num_layers
+    assert calls_on == {"qk_norm_rope": 2 * layers, "rope": 0}, calls_on  # one call for q, one for k
+    assert calls_off == {"qk_norm_rope": 0, "rope": 2 * layers}, calls_off
+    bad = {n: e for n, e in errs.items() if not e < 1e-5}
+    assert not bad, f"rel err >= 1e-5: {bad}"
+    # the q/k norm weights stay where they were and receive their gradient through the kernel
+    assert {"q_layernorm.weight", "k_layernorm.weight"} <= {
+        n.split("self_attention.")[-1] for n in errs if "self_attention." in n}
+
+
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
+def test_per_sample_angles_fall_back(mcore):
+    """Positions restarted per document with a micro-batch of 2 give per-sample angles
+    ``[s, b, 1, d]``, which the kernel does not take: megatron's own path runs, same results."""
+    seq = 16
+    position_ids = torch.stack([torch.arange(seq), torch.cat([torch.arange(5), torch.arange(seq - 5)])])
+    _, _, calls_on, _, errs, _ = _compare("qwen3/qwen3_tiny", position_ids=position_ids, seq=seq)
+    assert calls_on["qk_norm_rope"] == 0 and calls_on["rope"] == 0, calls_on  # neither kernel takes [s, b, 1, d]
+    assert max(errs.values()) == 0.0, errs  # the very same computation
+
+
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
+def test_restarted_positions_in_one_sample_are_fused(mcore):
+    """With one sample per micro-batch the angles of restarted positions are ``[s, 1, 1, d]``:
+    fused, and equal to the separate path."""
+    seq = 16
+    position_ids = torch.cat([torch.arange(6), torch.arange(seq - 6)])[None]
+    _, _, calls_on, _, errs, config = _compare("qwen3/qwen3_tiny", position_ids=position_ids, seq=seq, batch=1)
+    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_model_without_qk_norm_keeps_megatron_attention(mcore):
+    """Llama (no QK-norm): the attention is megatron's and the kernel never runs."""
+    backend = CountingBackend()
+    model, provider, _ = _build("llama3/llama3_tiny", backend)
+    assert _attention_classes(model) == {"SelfAttention"}
+    tokens = torch.randint(0, provider.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    _run(model, backend, tokens, weights=torch.ones(()))
+    assert backend.calls["qk_norm_rope"] == 0
+
+
+def test_disable_leaves_megatron_attention(mcore):
+    backend = CountingBackend(["triton_qk_norm_rope"])  # by kernel name, like kernels.disable
+    model, _, _ = _build("qwen3/qwen3_tiny", backend)
+    assert _attention_classes(model) == {"SelfAttention"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_gpu_qwen3_fused_qk_norm_rope(mcore, monkeypatch, bf16):
+    """Compiled kernels on the GPU: fp32 within 1e-5, bf16 within bf16 rounding of the separate path."""
+    monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "auto")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _, _, calls_on, _, errs, config = _compare("qwen3/qwen3_tiny", seq=128, batch=2, bf16=bf16, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
+    tol = 2e-2 if bf16 else 1e-5
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"rel err >= {tol}: {bad}"
