@@ -13,7 +13,9 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
   ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradfp32`` (fp32 gradient buffer),
   ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
-  instead of the fused one), ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
+  instead of the fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
+  clipping and master -> parameter copy instead of torch's foreach ops),
+  ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
   (``torch.compile`` each transformer layer).
 - ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
   ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
@@ -84,8 +86,46 @@ class Clock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def time_steps(step, clock: Clock, warmup: int, steps: int) -> dict:
-    """Run ``step()`` (returns (loss, mark after backward)); median ms per step and to that mark."""
+#: Kernel-name patterns of the profile's categories, first match wins.
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention", "attn")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "reduce_kernel")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas", "splitk")),
+    ("triton", ("triton", "_kernel")),
+    ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise/other")
+
+
+def profile_steps(step, n: int = 2) -> dict:
+    """GPU kernel time of ``n`` steps by class and by kernel (per step, ms) with torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    by_kernel: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_kernel.setdefault(evt.name, [0.0, 0])
+            entry[0] += evt.time_range.elapsed_us() / 1e3 / n
+            entry[1] += 1
+    by_class: dict[str, float] = {}
+    for name, (ms, _) in by_kernel.items():
+        by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"gpu_ms": sum(by_class.values()), "by_class": by_class,
+            "top": [(name[:110], round(ms, 2), count // n) for name, (ms, count) in top]}
+
+
+def time_steps(step, clock: Clock, warmup: int, steps: int, profile: bool = False) -> dict:
+    """Run ``step()`` (returns (loss, mark after backward)); median ms per step and to that mark,
+    and (``profile``) the kernel-time breakdown of two more steps."""
     for _ in range(warmup):
         step()
     clock.sync()
@@ -100,7 +140,9 @@ def time_steps(step, clock: Clock, warmup: int, steps: int) -> dict:
         totals.append(clock.ms(start, end))
         fwdbwd.append(clock.ms(start, mid))
         losses.append(float(loss))
+    kernels = profile_steps(step) if profile and clock.cuda else None
     return {
+        "kernels": kernels,
         "ms": statistics.median(totals),
         "ms_spread": (min(totals), max(totals)),
         "fwdbwd_ms": statistics.median(fwdbwd),
@@ -138,6 +180,8 @@ def megatron_world(backend, cuda: bool):
 
 def row_ours(section: dict, args, opts: dict) -> dict:
     from loongforge.model_provider import RunSettings
+    from loongforge.trainer.multi_tensor import foreach_multi_tensor_ops
+    from loongforge.trainer.optim import use_fused_adam
     from loongforge_cuda.attention import ENV_FORCE, MeasuredSDPAttention
     from loongforge_cuda.backend import CudaBackend
     from loongforge_kernels.plugin import KERNELS
@@ -182,9 +226,9 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=bool(opts.get("distopt"))),
             [model])
         if not opts.get("foreach"):
-            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-                for group in opt.optimizer.param_groups:
-                    group["fused"], group["foreach"] = True, False
+            use_fused_adam(optimizer)
+        # megatron-core's own per-tensor fallbacks (row option mcore_ops) or torch's foreach ops
+        multi_tensor_ops = contextlib.nullcontext if opts.get("mcore_ops") else foreach_multi_tensor_ops
         vocab = provider.args.vocab_size
 
         def step():
@@ -197,12 +241,13 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             loss.backward()
             model.finish_grad_sync()
             mid = clock.mark()
-            ok, _, _ = optimizer.step()
+            with multi_tensor_ops():
+                ok, _, _ = optimizer.step()
             assert ok, "optimizer step skipped"
             return loss.detach(), mid
 
         clock = Clock(cuda)
-        result = time_steps(step, clock, args.warmup, args.steps)
+        result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
         result["sdpa"] = {str(k[0]): (str(v), {str(c): t for c, t in (MeasuredSDPAttention.reports.get(k) or {}).items()})
                           for k, v in MeasuredSDPAttention.choices.items()}
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
@@ -238,7 +283,7 @@ def row_hf(section: dict, args, opts: dict) -> dict:
         return loss.detach(), mid
 
     clock = Clock(args.device == "cuda")
-    result = time_steps(step, clock, args.warmup, args.steps)
+    result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
     result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
 
@@ -255,6 +300,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each row's GPU kernel time by class and its top kernels (torch.profiler)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke run of the same code (gloo, CPU backend), no meaningful speed")
     args = parser.parse_args()
@@ -292,6 +339,13 @@ def main() -> None:
         fb = f"{r['fwdbwd_ms']:.1f}" if r.get("fwdbwd_ms") else "-"
         print(f"{r['row']:32} {r['mbs']:>3} {r['ms']:>9.1f} {fb:>8} {r['tok_s']:>9,.0f} {r['tflops']:>8.1f} "
               f"{100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}  {r['loss'][0]:.3f}->{r['loss'][1]:.3f}")
+    for r in results:
+        if r.get("kernels"):
+            k = r["kernels"]
+            print(f"\n[{r['row']}] GPU kernel time per step {k['gpu_ms']:.1f} ms of {r['ms']:.1f} ms: "
+                  + ", ".join(f"{c} {ms:.1f}" for c, ms in sorted(k["by_class"].items(), key=lambda kv: -kv[1])))
+            for name, ms, count in k["top"]:
+                print(f"  {ms:8.2f} ms {count:5d}x  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

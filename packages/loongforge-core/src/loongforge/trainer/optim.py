@@ -18,12 +18,28 @@ def build_optimizer(cfg, ddp_chunks, backend):
     if o.distributed and not backend.supports_distributed_optimizer:
         raise ConfigError(f"config key 'optimizer.distributed': backend {backend.name!r} has no distributed optimizer")
     bf16 = cfg.train.precision == "bf16"
-    return get_megatron_optimizer(OptimizerConfig(
+    return use_fused_adam(get_megatron_optimizer(OptimizerConfig(
         optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=cfg.train.grad_clip,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=o.distributed,
-    ), ddp_chunks)
+    ), ddp_chunks))
+
+
+def use_fused_adam(optimizer):
+    """Switch megatron-core's torch Adam/AdamW (its choice without TE or apex, built with torch's
+    default multi-tensor path) to torch's fused kernel: one pass over parameters, gradients and
+    both moments instead of a dozen ``_foreach`` passes. Only where torch has the fused kernel
+    for every parameter's device."""
+    fused_devices = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = inner.optimizer
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_opt.param_groups:
+            if all(p.device.type in fused_devices and p.dtype.is_floating_point for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+    return optimizer
 
 
 def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from loongforge.backend import Backend
 from loongforge.parallel import validate_layout
+from loongforge.trainer.multi_tensor import foreach_multi_tensor_ops
 from loongforge.registry import load_object
 
 
@@ -62,7 +63,7 @@ def runtime(cfg, plugins):
     m = cfg.model
     layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
                              m.get("num_key_value_heads"))
-    with backend.activate(local_rank):
+    with backend.activate(local_rank), foreach_multi_tensor_ops():
         # a world of one rendezvous in memory: no port to race for with other runs on the machine
         store = None if launched else dist.HashStore()
         dist.init_process_group(backend.collective_backend, rank=rank, world_size=world, store=store,
