@@ -59,11 +59,11 @@ def triton_kernels(monkeypatch):
     monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")  # the Triton kernels, also on CPU tensors
 
 
-def _build(name, backend, *, seq=16, bf16=False, device="cpu"):
+def _build(name, backend, *, seq=16, bf16=False, device="cpu", overrides=None):
     from loongforge.model_provider import RunSettings
     from loongforge_llm.provider import LLMProvider
 
-    provider = LLMProvider(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+    provider = LLMProvider({**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **(overrides or {})})
     run = RunSettings(seq_length=seq, bf16=bf16)
     config = provider.transformer_config(run)
     torch.manual_seed(0)
@@ -84,11 +84,11 @@ def _run(model, backend, tokens, position_ids=None, weights=None):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu"):
-    """Fused on vs off: -> (calls on, calls off, logits/grads max rel err)."""
+def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu", overrides=None):
+    """Fused on vs off: -> (models on/off, calls on/off, {logits/each grad: rel err}, config)."""
     on, off = CountingBackend(extra_disable), CountingBackend(["qk_norm_rope", *extra_disable])
-    fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device)
-    plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device)
+    fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device, overrides=overrides)
+    plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device, overrides=overrides)
     fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, provider.args.vocab_size, (batch, seq), generator=g).to(device)
@@ -126,26 +126,30 @@ def test_qwen3_fused_qk_norm_rope_matches_separate_norm_and_rope(mcore, extra_di
 
 @needs_triton
 @pytest.mark.usefixtures("triton_kernels")
-def test_per_sample_angles_fall_back(mcore):
-    """Positions restarted per document with a micro-batch of 2 give per-sample angles
-    ``[s, b, 1, d]``, which the kernel does not take: megatron's own path runs, same results."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_positions_restarted_per_document_are_fused(mcore, batch):
+    """Packed pre-training restarts position ids at each document: the angles are per sample
+    (``[s, b, 1, d]``; ``[s, 1, 1, d]`` for one sample). Fused, and equal to the separate path."""
     seq = 16
-    position_ids = torch.stack([torch.arange(seq), torch.cat([torch.arange(5), torch.arange(seq - 5)])])
-    _, _, calls_on, _, errs, _ = _compare("qwen3/qwen3_tiny", position_ids=position_ids, seq=seq)
-    assert calls_on["qk_norm_rope"] == 0 and calls_on["rope"] == 0, calls_on  # neither kernel takes [s, b, 1, d]
-    assert max(errs.values()) == 0.0, errs  # the very same computation
+    rows = [torch.cat([torch.arange(6), torch.arange(seq - 6)]), torch.cat([torch.arange(3), torch.arange(seq - 3)])]
+    position_ids = torch.stack(rows[:batch])
+    _, _, calls_on, calls_off, errs, config = _compare(
+        "qwen3/qwen3_tiny", position_ids=position_ids, seq=seq, batch=batch)
+    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
+    assert calls_off == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_off
+    bad = {n: e for n, e in errs.items() if not e < 1e-5}
+    assert not bad, f"rel err >= 1e-5: {bad}"
 
 
 @needs_triton
 @pytest.mark.usefixtures("triton_kernels")
-def test_restarted_positions_in_one_sample_are_fused(mcore):
-    """With one sample per micro-batch the angles of restarted positions are ``[s, 1, 1, d]``:
-    fused, and equal to the separate path."""
-    seq = 16
-    position_ids = torch.cat([torch.arange(6), torch.arange(seq - 6)])[None]
-    _, _, calls_on, _, errs, config = _compare("qwen3/qwen3_tiny", position_ids=position_ids, seq=seq, batch=1)
-    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
-    assert max(errs.values()) < 1e-5, errs
+def test_layernorm_qk_norm_falls_back(mcore):
+    """A LayerNorm QK-norm (weight and bias) is not what the kernel computes: the same attention
+    class runs megatron's norm modules and RoPE, the very same computation as with the kernel off."""
+    _, _, calls_on, _, errs, config = _compare(
+        "qwen3/qwen3_tiny", overrides={"transformer_config": {"normalization": "LayerNorm"}})
+    assert calls_on == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_on
+    assert max(errs.values()) == 0.0, errs
 
 
 def test_model_without_qk_norm_keeps_megatron_attention(mcore):

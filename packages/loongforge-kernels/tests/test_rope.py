@@ -111,6 +111,30 @@ def test_qk_norm_rope_is_norm_then_rope(kt):
     torch.testing.assert_close(qk_norm_rope_triton(x, w, 1e-6, cos, sin), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_sample_angles(kt, dtype):
+    """cos/sin [S, B, 1, R]: each sample its own positions (ids restarting at packed documents);
+    RoPE and QK-norm+RoPE, with partial rotary dim, vs the reference."""
+    s, b, h, d, r = 6, 3, 2, 16, 12
+    pos = torch.stack([torch.arange(s), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([4, 0, 1, 2, 3, 0])])
+    inv = 1.0 / 10000.0 ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+    freqs = pos.t().float()[..., None] * inv  # [s, b, r/2]
+    emb = torch.cat([freqs, freqs], -1)[:, :, None, :].to(kt.device)
+    cos, sin = emb.cos(), emb.sin()
+    x = _x(kt, (s, b, h, d), dtype, seed=5)
+    _check(kt, apply_rope_triton, apply_rope_reference, [x, cos, sin], dtype)
+    w = kt.leaf((1.0 + 0.2 * torch.randn(d)).to(dtype))
+    _check(
+        kt,
+        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
+        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
+        [x, w],
+        dtype,
+    )
+    with pytest.raises(ValueError):
+        apply_rope_triton(x, cos[:, :2], sin[:, :2])  # B neither 1 nor x's
+
+
 def test_rope_dispatch_and_validation(kt, monkeypatch):
     s, b, h, d = 3, 1, 2, 8
     cos, sin = _cos_sin(s, d, kt.device)

@@ -139,8 +139,8 @@ def apply_kernels(spec, ops: dict):
 
 def fused_rope_apply(rope, original):
     """A replacement for megatron's ``apply_rotary_pos_emb`` that calls ``rope(t, cos, sin)`` for
-    the plain case (rotate-half, [s, 1, 1, d] angles shared by the batch, no packed THD, no
-    mscale) and ``original`` otherwise. cos/sin are rounded to ``t``'s dtype as megatron does."""
+    the plain case (rotate-half, [s, 1, 1, d] angles shared by the batch or [s, b, 1, d] per
+    sample, no packed THD, no mscale) and ``original`` otherwise. cos/sin are rounded to ``t``'s dtype as megatron does."""
 
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None,
                              mla_rotary_interleaved=False, **kwargs):
@@ -149,7 +149,7 @@ def fused_rope_apply(rope, original):
             and not config.apply_rope_fusion and not config.rotary_interleaved
             and not mla_rotary_interleaved and not getattr(config, "multi_latent_attention", False)
             and t.dim() == 4 and freqs.dim() == 4
-            and freqs.shape[1] == 1 and freqs.shape[2] == 1 and freqs.shape[0] == t.shape[0]
+            and freqs.shape[1] in (1, t.shape[1]) and freqs.shape[2] == 1 and freqs.shape[0] == t.shape[0]
         )
         if not plain:
             return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,

@@ -9,9 +9,9 @@ modules with the same ``weight`` parameters, so checkpoints and weight mappings 
 
 Every other call takes megatron's own path (the separate norm modules, then ``apply_rotary_pos_emb``,
 which the backend's RoPE patch may fuse): inference, packed THD sequences (``packed_seq_params``),
-context parallelism, angles that differ per sample (``[s, b>1, 1, d]``, e.g. restarted position
-ids with a micro-batch above 1), interleaved/MLA/Transformer Engine RoPE, YaRN's mscale, layers
-without RoPE, and norms that are not RMSNorm.
+context parallelism, interleaved/MLA/Transformer Engine RoPE, YaRN's mscale, layers without RoPE,
+and norms that are not RMSNorm. Angles may be shared by the batch (``[s, 1, 1, d]``) or per sample
+(``[s, b, 1, d]``: position ids that restart at each packed document).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ def qk_norm_rope_attention(qk_norm_rope) -> type:
     from megatron.core.transformer.attention import SelfAttention
 
     class QKNormRoPESelfAttention(SelfAttention):
-        #: the RoPE angles ``[s, 1, 1, r]`` for the forward call in progress, when it is fused
+        #: the RoPE angles ``[s, 1 or b, 1, r]`` of the forward call in progress, when it is fused
         _fused_freqs = None
 
-        def _fusable(self, rotary_pos_emb, others) -> bool:
+        def _fusable(self, rotary_pos_emb, batch: int, others) -> bool:
             c = self.config
             no_rope = bool(c.no_rope_freq) and bool(c.no_rope_freq[self.layer_number - 1])
             return (
                 isinstance(rotary_pos_emb, torch.Tensor) and rotary_pos_emb.dim() == 4
-                and rotary_pos_emb.shape[1] == 1 and rotary_pos_emb.shape[2] == 1
+                and rotary_pos_emb.shape[1] in (1, batch) and rotary_pos_emb.shape[2] == 1
                 and all(v is None for v in others) and not InferenceMode.is_active()
                 and c.qk_layernorm and not c.qk_l2_norm and c.normalization == "RMSNorm"
                 and c.context_parallel_size == 1 and not no_rope
@@ -65,7 +65,7 @@ def qk_norm_rope_attention(qk_norm_rope) -> type:
                           inference_params=inference_params)
             others = (key_value_states, inference_context, inference_params, packed_seq_params,
                       rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, sequence_len_offset)
-            if not self._fusable(rotary_pos_emb, others):
+            if not self._fusable(rotary_pos_emb, hidden_states.shape[1], others):
                 return super().forward(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb, **kwargs)
             # RoPE happens in get_query_key_value_tensors; megatron's forward must not apply it again
             self._fused_freqs = rotary_pos_emb

@@ -1,7 +1,7 @@
 """Rotary position embedding (rotate-half, HF Llama convention) on megatron's ``[S, B, H, D]``.
 
-``cos``/``sin`` are ``[S, 1, 1, R]`` or ``[S, R]`` (``S`` may be 1 to broadcast) with ``R <= D``
-even; lanes ``R..D`` pass through unchanged (megatron's partial rotary). RoPE is computed in fp32
+``cos``/``sin`` are ``[S, 1, 1, R]``, ``[S, B, 1, R]`` (angles per sample, e.g. position ids that
+restart at each packed document) or ``[S, R]`` (``S`` may be 1 to broadcast) with ``R <= D`` even; lanes ``R..D`` pass through unchanged (megatron's partial rotary). RoPE is computed in fp32
 from ``cos``/``sin`` in the precision they are given and rounded once to the output dtype.
 ``cos``/``sin`` are constants for the fused path: if either requires grad, the reference runs.
 
@@ -43,18 +43,21 @@ def qk_norm_rope_reference(
     return apply_rope_reference(rms_norm_reference(x, norm_weight, eps), cos, sin)
 
 
-def _cos_sin_2d(t: torch.Tensor, s: int, d: int, name: str) -> torch.Tensor:
-    """``[S|1, 1, 1, R]`` or ``[S|1, R]`` -> ``[S, R]`` view with unit stride on R."""
-    if t.dim() == 4:
-        if t.shape[1] != 1 or t.shape[2] != 1:
-            raise ValueError(f"{name} must be [S, 1, 1, R] or [S, R], got {tuple(t.shape)}")
-        t = t[:, 0, 0, :]
-    elif t.dim() != 2:
-        raise ValueError(f"{name} must be [S, 1, 1, R] or [S, R], got {tuple(t.shape)}")
-    if t.shape[0] not in (1, s) or t.shape[1] % 2 or t.shape[1] > d:
+def _cos_sin_3d(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[S|1, B|1, 1, R]`` or ``[S|1, R]`` -> ``[S, B, R]`` view (broadcast dims at stride 0) with
+    unit stride on R."""
+    s, b, _, d = x.shape
+    if t.dim() == 4 and t.shape[2] == 1 and t.shape[1] in (1, b):
+        t = t[:, :, 0, :]
+    elif t.dim() == 2:
+        t = t[:, None, :]
+    else:
+        raise ValueError(f"{name} must be [S, 1, 1, R], [S, B, 1, R] or [S, R], got {tuple(t.shape)} "
+                         f"for x {tuple(x.shape)}")
+    if t.shape[0] not in (1, s) or t.shape[-1] % 2 or t.shape[-1] > d:
         raise ValueError(f"{name} {tuple(t.shape)} does not fit x with S={s}, D={d} (R must be even, <= D)")
-    t = t.expand(s, t.shape[1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.expand(s, b, t.shape[-1])
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -65,16 +68,16 @@ class _RopeFunction(torch.autograd.Function):
     """RoPE, with the per-head RMSNorm in front when ``weight`` is given."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, cos2d, sin2d):
+    def forward(ctx, x, weight, eps, cos3d, sin3d):
         from ._triton import rope as kernels
 
         x = _unit_last(x)
         weight = weight.contiguous() if weight is not None else None
-        y, rstd = kernels.forward(x, cos2d, sin2d, weight, float(eps))
+        y, rstd = kernels.forward(x, cos3d, sin3d, weight, float(eps))
         if weight is None:
-            ctx.save_for_backward(cos2d, sin2d)
+            ctx.save_for_backward(cos3d, sin3d)
         else:
-            ctx.save_for_backward(cos2d, sin2d, x, weight, rstd)
+            ctx.save_for_backward(cos3d, sin3d, x, weight, rstd)
         ctx.x_dtype = x.dtype
         return y
 
@@ -84,11 +87,11 @@ class _RopeFunction(torch.autograd.Function):
 
         dy = _unit_last(dy)
         if len(ctx.saved_tensors) == 2:
-            cos2d, sin2d = ctx.saved_tensors
-            dx, _ = kernels.backward(dy, cos2d, sin2d, ctx.x_dtype)
+            cos3d, sin3d = ctx.saved_tensors
+            dx, _ = kernels.backward(dy, cos3d, sin3d, ctx.x_dtype)
             return dx, None, None, None, None
-        cos2d, sin2d, x, weight, rstd = ctx.saved_tensors
-        dx, dw = kernels.backward(dy, cos2d, sin2d, x.dtype, x, weight, rstd)
+        cos3d, sin3d, x, weight, rstd = ctx.saved_tensors
+        dx, dw = kernels.backward(dy, cos3d, sin3d, x.dtype, x, weight, rstd)
         return dx, (dw if ctx.needs_input_grad[1] else None), None, None, None
 
 
@@ -100,8 +103,7 @@ def _check(x: torch.Tensor) -> None:
 def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The fused path, unconditionally (fwd and bwd in Triton)."""
     _check(x)
-    s, _, _, d = x.shape
-    return _RopeFunction.apply(x, None, 0.0, _cos_sin_2d(cos, s, d, "cos"), _cos_sin_2d(sin, s, d, "sin"))
+    return _RopeFunction.apply(x, None, 0.0, _cos_sin_3d(cos, x, "cos"), _cos_sin_3d(sin, x, "sin"))
 
 
 def qk_norm_rope_triton(
@@ -109,11 +111,11 @@ def qk_norm_rope_triton(
 ) -> torch.Tensor:
     """The fused path, unconditionally (fwd and bwd in Triton)."""
     _check(x)
-    s, _, _, d = x.shape
+    d = x.shape[-1]
     if norm_weight.shape != (d,):
         raise ValueError(f"norm_weight must be [D={d}], got {tuple(norm_weight.shape)}")
     return _RopeFunction.apply(
-        x, norm_weight, eps, _cos_sin_2d(cos, s, d, "cos"), _cos_sin_2d(sin, s, d, "sin")
+        x, norm_weight, eps, _cos_sin_3d(cos, x, "cos"), _cos_sin_3d(sin, x, "sin")
     )
 
 

@@ -1,6 +1,7 @@
 """Rotate-half RoPE on ``[S, B, H, D]``, optionally preceded by a per-head RMSNorm (QK-norm).
 
-One program handles a block of heads of one ``(s, b)``, so cos/sin are loaded once per block. The
+One program handles a block of heads of one ``(s, b)``, so cos/sin are loaded once per block;
+they are ``[S, B, R]`` views, a zero stride on ``B`` sharing one row of angles across the batch. The
 rotated partner of lane ``d`` is ``d +/- R/2`` (``R`` = rotary dim, ``R <= D``; lanes ``>= R`` pass
 through). RoPE runs in fp32 and rounds once; with the norm, the normalised tensor is first rounded
 exactly where the reference rounds it (``x.dtype``, then ``promote(x, weight)``).
@@ -30,7 +31,9 @@ def _rope_fwd_kernel(
     stride_yb,
     stride_yh,
     stride_cs,
+    stride_cb,
     stride_ss,
+    stride_sb,
     B,
     H,
     D,
@@ -66,8 +69,8 @@ def _rope_fwd_kernel(
         x = (w[None, :] * n).to(Y.dtype.element_ty).to(tl.float32)
         xp = (wp[None, :] * np_).to(Y.dtype.element_ty).to(tl.float32)
     # Outside the rotary dim cos=1, sin=0, so those lanes pass through unchanged.
-    c = tl.load(COS + s * stride_cs + d, mask=rot, other=1.0).to(tl.float32)
-    sn = tl.load(SIN + s * stride_ss + d, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(COS + s * stride_cs + b * stride_cb + d, mask=rot, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + s * stride_ss + b * stride_sb + d, mask=rot, other=0.0).to(tl.float32)
     y = x * c[None, :] + sign[None, :] * xp * sn[None, :]
     y_rows = Y + s * stride_ys + b * stride_yb + heads[:, None].to(tl.int64) * stride_yh
     tl.store(y_rows + d[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -93,7 +96,9 @@ def _rope_bwd_kernel(
     stride_dxb,
     stride_dxh,
     stride_cs,
+    stride_cb,
     stride_ss,
+    stride_sb,
     S,
     B,
     H,
@@ -126,8 +131,8 @@ def _rope_bwd_kernel(
     dy_rows = DY + s0 * stride_dys + b * stride_dyb + heads64 * stride_dyh
     x_rows = X + s0 * stride_xs + b * stride_xb + heads64 * stride_xh
     dx_rows = DX + s0 * stride_dxs + b * stride_dxb + heads64 * stride_dxh
-    cos_row = COS + s0 * stride_cs
-    sin_row = SIN + s0 * stride_ss
+    cos_row = COS + s0 * stride_cs + b * stride_cb
+    sin_row = SIN + s0 * stride_ss + b * stride_sb
     rstd_ptr = RSTD + (s0 * B + b) * H + heads
     if HAS_NORM:
         w = tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)
@@ -169,13 +174,13 @@ def _blocks(h: int, d: int) -> tuple[int, int]:
     return block_h, block_d
 
 
-def forward(x, cos2d, sin2d, weight=None, eps: float = 0.0):
-    """x [S, B, H, D] (unit stride on D); cos2d/sin2d [S, R] (unit stride on R).
+def forward(x, cos, sin, weight=None, eps: float = 0.0):
+    """x [S, B, H, D] (unit stride on D); cos/sin [S, B, R] (unit stride on R, any on S and B).
 
     Returns (y contiguous [S, B, H, D], rstd [S, B, H] fp32 or None).
     """
     s, b, h, d = x.shape
-    r = cos2d.shape[-1]
+    r = cos.shape[-1]
     has_norm = weight is not None
     out_dtype = torch.promote_types(x.dtype, weight.dtype) if has_norm else x.dtype
     y = torch.empty((s, b, h, d), dtype=out_dtype, device=x.device)
@@ -185,8 +190,8 @@ def forward(x, cos2d, sin2d, weight=None, eps: float = 0.0):
     _rope_fwd_kernel[grid](
         x,
         weight if has_norm else x,
-        cos2d,
-        sin2d,
+        cos,
+        sin,
         y,
         rstd if has_norm else y,
         x.stride(0),
@@ -195,8 +200,10 @@ def forward(x, cos2d, sin2d, weight=None, eps: float = 0.0):
         y.stride(0),
         y.stride(1),
         y.stride(2),
-        cos2d.stride(0),
-        sin2d.stride(0),
+        cos.stride(0),
+        cos.stride(1),
+        sin.stride(0),
+        sin.stride(1),
         b,
         h,
         d,
@@ -210,13 +217,13 @@ def forward(x, cos2d, sin2d, weight=None, eps: float = 0.0):
     return y, rstd
 
 
-def backward(dy, cos2d, sin2d, dx_dtype, x=None, weight=None, rstd=None):
+def backward(dy, cos, sin, dx_dtype, x=None, weight=None, rstd=None):
     """dy [S, B, H, D] (unit stride on D) -> (dx in ``dx_dtype``, dweight [D] or None).
 
     ``x``, ``weight`` and ``rstd`` (from :func:`forward`) are needed only with the norm.
     """
     s, b, h, d = dy.shape
-    r = cos2d.shape[-1]
+    r = cos.shape[-1]
     has_norm = weight is not None
     x_arg = x if has_norm else dy  # unread without the norm
     dx = torch.empty((s, b, h, d), dtype=dx_dtype, device=dy.device)
@@ -233,8 +240,8 @@ def backward(dy, cos2d, sin2d, dx_dtype, x=None, weight=None, rstd=None):
         dy,
         x_arg,
         weight if has_norm else dy,
-        cos2d,
-        sin2d,
+        cos,
+        sin,
         rstd if has_norm else dx,
         dx,
         dw_part,
@@ -247,8 +254,10 @@ def backward(dy, cos2d, sin2d, dx_dtype, x=None, weight=None, rstd=None):
         dx.stride(0),
         dx.stride(1),
         dx.stride(2),
-        cos2d.stride(0),
-        sin2d.stride(0),
+        cos.stride(0),
+        cos.stride(1),
+        sin.stride(0),
+        sin.stride(1),
         s,
         b,
         h,
