@@ -59,12 +59,12 @@ def triton_kernels(monkeypatch):
     monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")  # the Triton kernels, also on CPU tensors
 
 
-def _build(name, backend, *, seq=16, bf16=False, device="cpu", overrides=None):
+def _build(name, backend, *, seq=16, bf16=False, device="cpu", overrides=None, **run_settings):
     from loongforge.model_provider import RunSettings
     from loongforge_llm.provider import LLMProvider
 
     provider = LLMProvider({**yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), **(overrides or {})})
-    run = RunSettings(seq_length=seq, bf16=bf16)
+    run = RunSettings(seq_length=seq, bf16=bf16, **run_settings)
     config = provider.transformer_config(run)
     torch.manual_seed(0)
     model = provider.build(config, run, backend=backend).to(device)
@@ -80,15 +80,15 @@ def _run(model, backend, tokens, position_ids=None, weights=None):
     model.zero_grad(set_to_none=True)
     with modules.rope_patch(lambda: backend.kernel("rope") if "rope" in backend.kernels else None):
         logits = model(tokens, position_ids, None)
-    (logits.float() * weights).sum().backward()
+        (logits.float() * weights).sum().backward()  # activation recompute runs RoPE here again
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu", overrides=None):
+def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu", **build):
     """Fused on vs off: -> (models on/off, calls on/off, {logits/each grad: rel err}, config)."""
     on, off = CountingBackend(extra_disable), CountingBackend(["qk_norm_rope", *extra_disable])
-    fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device, overrides=overrides)
-    plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device, overrides=overrides)
+    fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device, **build)
+    plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device, **build)
     fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, provider.args.vocab_size, (batch, seq), generator=g).to(device)
@@ -137,6 +137,19 @@ def test_positions_restarted_per_document_are_fused(mcore, batch):
         "qwen3/qwen3_tiny", position_ids=position_ids, seq=seq, batch=batch)
     assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
     assert calls_off == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_off
+    bad = {n: e for n, e in errs.items() if not e < 1e-5}
+    assert not bad, f"rel err >= 1e-5: {bad}"
+
+
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
+def test_full_recompute_reruns_the_fused_path(mcore):
+    """Full activation recompute re-runs each layer's forward in the backward pass: the kernel
+    runs again there (twice the calls) and the gradients are unchanged."""
+    _, _, calls_on, calls_off, errs, config = _compare(
+        "qwen3/qwen3_tiny", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    assert calls_on == {"qk_norm_rope": 4 * config.num_layers, "rope": 0}, calls_on
+    assert calls_off == {"qk_norm_rope": 0, "rope": 4 * config.num_layers}, calls_off
     bad = {n: e for n, e in errs.items() if not e < 1e-5}
     assert not bad, f"rel err >= 1e-5: {bad}"
 
