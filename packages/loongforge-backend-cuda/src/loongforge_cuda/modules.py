@@ -140,7 +140,8 @@ def apply_kernels(spec, ops: dict):
 def fused_rope_apply(rope, original):
     """A replacement for megatron's ``apply_rotary_pos_emb`` that calls ``rope(t, cos, sin)`` for
     the plain case (rotate-half, [s, 1, 1, d] angles shared by the batch or [s, b, 1, d] per
-    sample, no packed THD, no mscale) and ``original`` otherwise. cos/sin are rounded to ``t``'s dtype as megatron does."""
+    sample, no packed THD, no mscale) and ``original`` otherwise. cos/sin are rounded to ``t``'s
+    dtype as megatron does."""
 
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None,
                              mla_rotary_interleaved=False, **kwargs):
