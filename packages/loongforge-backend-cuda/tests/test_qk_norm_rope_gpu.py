@@ -20,7 +20,8 @@ NAME, SEQ, BATCH = "qwen3/qwen3_tiny", 128, 2
 
 @pytest.fixture(scope="module")
 def cuda_mcore(monkeypatch_module):
-    """megatron-core's parallel state in one NCCL process; exact fp32 matmuls (TF32 off)."""
+    """megatron-core's parallel state in one NCCL process; exact fp32 matmuls (TF32 off), torch's
+    math SDPA everywhere."""
     import torch.distributed as dist
     from loongforge.testing import free_port
     from megatron.core import parallel_state
@@ -28,6 +29,8 @@ def cuda_mcore(monkeypatch_module):
     monkeypatch_module.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch_module.setenv("MASTER_PORT", str(free_port()))
     monkeypatch_module.setenv("LOONGFORGE_KERNELS_IMPL", "auto")  # CUDA tensors -> Triton
+    # one attention kernel for every model compared, whatever the timings
+    monkeypatch_module.setenv("LOONGFORGE_SDPA_BACKEND", "math")
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
