@@ -9,14 +9,19 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
 
 - ``ours``: the LLM provider's megatron-core ``GPTModel`` with the CUDA backend's layer spec (SDPA
   kernel measured per shape, Triton RMSNorm/SwiGLU/RoPE) and the chunked LM-head cross-entropy,
-  megatron-core DDP and optimizer (fp32 master weights, torch's fused AdamW). Options:
+  megatron-core DDP (fp32 gradient buffer, as the trainer) and optimizer (fp32 master weights,
+  torch's fused AdamW, torch foreach ops for its multi-tensor fallbacks). Options:
   ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
-  ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradfp32`` (fp32 gradient buffer),
+  ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradbf16`` (bf16 gradient buffer instead of
+  the trainer's fp32 one),
   ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
   instead of the fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
   clipping and master -> parameter copy instead of torch's foreach ops),
   ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
   (``torch.compile`` each transformer layer).
+- ``torchtitan``: torchtitan 0.2.2's own Llama ``Transformer`` (its default training precision:
+  fp32 parameters and AdamW states, bf16 autocast), fused AdamW; options in bench/torchtitan_row.py
+  (``bf16``, ``compile``, ``mbs=N``, ...).
 - ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
   ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
 
@@ -218,7 +223,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
                 layer.compile()
         model = Float16Module(config, model)
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=bool(opts.get("gradfp32")), overlap_grad_reduce=False,
+            grad_reduce_in_fp32=not opts.get("gradbf16"), overlap_grad_reduce=False,
             use_distributed_optimizer=bool(opts.get("distopt")))
         model = DistributedDataParallel(config, ddp_cfg, model)
         optimizer = get_megatron_optimizer(OptimizerConfig(
@@ -288,7 +293,14 @@ def row_hf(section: dict, args, opts: dict) -> dict:
     return result
 
 
-ROWS = {"ours": row_ours, "hf": row_hf}
+def row_torchtitan(section: dict, args, opts: dict) -> dict:
+    """torchtitan's Llama (bench/torchtitan_row.py; its wheels: bench/fetch_torchtitan_wheels.sh)."""
+    from torchtitan_row import row_torchtitan as row
+
+    return row(section, args, opts)
+
+
+ROWS = {"ours": row_ours, "hf": row_hf, "torchtitan": row_torchtitan}
 
 
 def main() -> None:

@@ -33,9 +33,6 @@ Options: ``mbs=N``; ``compile``: its ``apply_compile`` (each TransformerBlock th
 ``torch.compile(fullgraph=True)``) and the compiled loss, as ``compile.enable`` with its default
 components ``["model", "loss"]``. The result has the ``row_hf`` keys plus ``params`` (parameters
 in AdamW: tied counted once).
-
-Wiring (bench/llm_step.py): ``ROWS["torchtitan"] = row_torchtitan`` after
-``from torchtitan_row import row_torchtitan`` (lazily, so the other rows need no torchtitan).
 """
 
 from __future__ import annotations

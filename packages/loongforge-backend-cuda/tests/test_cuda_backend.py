@@ -46,7 +46,7 @@ def test_unknown_disable_entry_names_the_config_key():
 def test_registered_kernels_cover_the_backend_ops():
     backend = CudaBackend()
     backend.configure_kernels(KERNELS, ["triton_swiglu"])
-    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "fused_linear_cross_entropy"}
+    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "flash_attention", "fused_linear_cross_entropy"}
     assert backend.kernel("swiglu") is None
     from loongforge_kernels.rmsnorm import rms_norm
 
@@ -67,6 +67,32 @@ def test_choose_fastest_skips_unsupported_and_keeps_first_of_ties():
     assert report["cudnn"] == 2.0
     best, report = choose_fastest(["math"], time_fn)
     assert best is None and set(report) == {"math"}
+
+
+def test_registered_attention_kernels_join_the_candidates():
+    from loongforge_cuda.attention import MeasuredSDPAttention, sdpa
+
+    assert MeasuredSDPAttention.with_kernels({"triton": None}) is MeasuredSDPAttention
+    calls = []
+
+    def kernel(q, k, v, causal, scale):
+        calls.append((causal, scale))
+        return q
+
+    cls = MeasuredSDPAttention.with_kernels({"triton": kernel})
+    assert issubclass(cls, MeasuredSDPAttention) and cls.kernels == {"triton": kernel}
+    assert MeasuredSDPAttention.kernels == {}
+    q = torch.randn(1, 2, 4, 8)
+    assert sdpa(q, q, q, None, True, 0.5, 0.0, "triton", False, cls.kernels) is q and calls == [(True, 0.5)]
+    with pytest.raises(RuntimeError, match="no attention mask"):
+        sdpa(q, q, q, torch.ones(4, 4, dtype=torch.bool), True, 0.5, 0.0, "triton", False, cls.kernels)
+    torch.testing.assert_close(sdpa(q, q, q, None, True, 0.5, 0.0, None, False, cls.kernels),
+                               torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.5))
+    backend = CudaBackend()
+    backend.configure_kernels(KERNELS)
+    from loongforge_kernels.flash_attention import flash_attention_triton
+
+    assert backend.kernel("flash_attention") is flash_attention_triton
 
 
 def test_rope_patch_is_undone():

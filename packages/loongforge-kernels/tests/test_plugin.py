@@ -37,6 +37,7 @@ def test_registered_kernels_resolve_with_matching_signatures():
         "swiglu",
         "rope",
         "qk_norm_rope",
+        "flash_attention",
         "fused_linear_cross_entropy",
     }
     for k in kernels:

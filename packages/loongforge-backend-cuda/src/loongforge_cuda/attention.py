@@ -7,7 +7,10 @@ torch's own default order prefers flash. So the first call for each shape times 
 fastest that runs is used from then on. Grouped KV heads are tried natively (``enable_gqa``) and
 with the KV heads repeated, since not every kernel takes them natively.
 
-``LOONGFORGE_SDPA_BACKEND=cudnn|flash|efficient|math`` forces one kernel (for measurements).
+Registered attention kernels (the kernels package's Triton flash attention, as ``triton``) join
+the timing through :meth:`MeasuredSDPAttention.with_kernels`.
+
+``LOONGFORGE_SDPA_BACKEND=cudnn|flash|efficient|math|triton`` forces one kernel (for measurements).
 """
 
 from __future__ import annotations
@@ -55,8 +58,13 @@ def choose_fastest(candidates: Sequence, time_fn: Callable[[object], float]) -> 
     return best, report
 
 
-def sdpa(q, k, v, mask, causal, scale, dropout_p, backend: str | None, repeat_kv: bool):
-    """SDPA on [b, h, s, d] with one kernel (``backend`` None: torch's choice)."""
+def sdpa(q, k, v, mask, causal, scale, dropout_p, backend: str | None, repeat_kv: bool, kernels=None):
+    """SDPA on [b, h, s, d] with one kernel (``backend`` None: torch's choice; a name in
+    ``kernels``: that registered kernel, ``fn(q, k, v, causal=, scale=)``, no mask or dropout)."""
+    if kernels and backend in kernels:
+        if mask is not None or dropout_p:
+            raise RuntimeError(f"kernel {backend!r} takes no attention mask or dropout")
+        return kernels[backend](q, k, v, causal=causal, scale=scale)
     if repeat_kv and k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -68,48 +76,59 @@ def sdpa(q, k, v, mask, causal, scale, dropout_p, backend: str | None, repeat_kv
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _time_candidate(q, k, v, mask, causal, scale, cand, reps: int = 3) -> float:
-    """Seconds per forward+backward of ``cand`` on fresh random inputs shaped like q, k, v."""
+def _time_candidate(q, k, v, mask, causal, scale, cand, kernels, reps: int = 3) -> float:
+    """Seconds per forward+backward of ``cand`` on fresh random inputs laid out like q, k, v."""
     backend, repeat = cand
-    leaves = [torch.randn(t.shape, device=t.device, dtype=t.dtype).requires_grad_(True) for t in (q, k, v)]
+    leaves = [torch.randn_like(t).requires_grad_(True) for t in (q, k, v)]  # same strides as the model's
     with torch.enable_grad():
-        out = sdpa(*leaves, mask, causal, scale, 0.0, backend, repeat)  # warm-up; raises if unsupported
+        out = sdpa(*leaves, mask, causal, scale, 0.0, backend, repeat, kernels)  # warm-up; raises if unsupported
         grad = torch.randn_like(out)
         out.backward(grad)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            sdpa(*leaves, mask, causal, scale, 0.0, backend, repeat).backward(grad)
+            sdpa(*leaves, mask, causal, scale, 0.0, backend, repeat, kernels).backward(grad)
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
 
 
 class MeasuredSDPAttention(SDPAttention):
-    """``SDPAttention`` that, on CUDA, runs the SDPA kernel measured fastest for each shape."""
+    """``SDPAttention`` that, on CUDA, runs the attention kernel measured fastest for each shape:
+    torch's SDPA kernels and the registered ones in :attr:`kernels` (see :meth:`with_kernels`)."""
 
     #: shape key -> (backend, repeat_kv) or None (torch's default); shared by all layers
     choices: dict = {}
     #: shape key -> {candidate: seconds or reason}, for logs and notes
     reports: dict = {}
+    #: candidate name -> ``fn(q, k, v, causal=, scale=)``: registered attention kernels
+    kernels: dict = {}
+
+    @classmethod
+    def with_kernels(cls, kernels: dict) -> type:
+        """This class with registered attention kernels as further candidates."""
+        kernels = {name: fn for name, fn in kernels.items() if fn is not None}
+        return type(cls.__name__, (cls,), {"kernels": kernels}) if kernels else cls
 
     def _choice(self, q, k, mask, causal):
         forced = os.environ.get(ENV_FORCE, "").strip().lower()
         if forced:
-            if forced not in _SDPB:
-                raise ValueError(f"{ENV_FORCE}={forced!r}: expected one of {', '.join(_SDPB)}")
+            if forced not in _SDPB and forced not in self.kernels:
+                raise ValueError(f"{ENV_FORCE}={forced!r}: expected one of {', '.join([*_SDPB, *self.kernels])}")
             return forced, False
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, causal,
-               None if mask is None else tuple(mask.shape), self.dropout_p > 0 and self.training)
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, causal, None if mask is None else tuple(mask.shape),
+               tuple(self.kernels), self.dropout_p > 0 and self.training)
         if key not in self.choices:
             if key[-1]:  # dropout: every kernel draws its own random numbers; keep torch's choice
                 best, report = None, {"dropout": "torch default"}
             else:
                 grouped = k.shape[1] != q.shape[1]
+                candidates = [c for c in CANDIDATES if grouped or not c[1]]  # repeating needs grouped KV
+                candidates += [(name, False) for name in self.kernels]
                 best, report = choose_fastest(
-                    [c for c in CANDIDATES if grouped or not c[1]],  # repeating needs grouped KV heads
-                    lambda c: _time_candidate(q, k, k, mask, causal, self.softmax_scale, c),
+                    candidates,
+                    lambda c: _time_candidate(q, k, k, mask, causal, self.softmax_scale, c, self.kernels),
                 )
             type(self).choices[key], type(self).reports[key] = best, report
         return self.choices[key]
@@ -121,4 +140,4 @@ class MeasuredSDPAttention(SDPAttention):
         dropout = self.dropout_p if self.training else 0.0
         if choice is None:
             return sdpa(q, k, v, allowed, causal, self.softmax_scale, dropout, None, False)
-        return sdpa(q, k, v, allowed, causal, self.softmax_scale, dropout, *choice)
+        return sdpa(q, k, v, allowed, causal, self.softmax_scale, dropout, *choice, self.kernels)

@@ -1,5 +1,6 @@
 """The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
-the fast layer: SDPA with the kernel measured fastest per shape, plus the registered fused kernels
+the fast layer: attention with the kernel measured fastest per shape (torch's SDPA kernels and
+our Triton flash attention), plus the registered fused kernels
 (RMSNorm, SwiGLU, RoPE, QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``."""
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class CudaBackend(Backend):
         from loongforge_cuda.attention import MeasuredSDPAttention
         from loongforge_cuda.modules import apply_kernels
 
-        spec = local_sdpa_spec(config, core_attention=MeasuredSDPAttention)
+        attention = MeasuredSDPAttention.with_kernels(
+            {"triton": self.kernel("flash_attention")} if "flash_attention" in self.kernels else {})
+        spec = local_sdpa_spec(config, core_attention=attention)
         ops = ("rmsnorm", "swiglu", "qk_norm_rope")
         return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
 

@@ -45,6 +45,15 @@ KERNELS = (
         description="Qwen3 per-head QK RMSNorm followed by RoPE in one kernel; fused fwd+bwd.",
     ),
     Kernel(
+        name="triton_flash_attention",
+        op="flash_attention",
+        impl=f"{_PKG}.flash_attention:flash_attention_triton",
+        reference=f"{_PKG}.flash_attention:flash_attention_reference",
+        device_types=("cuda",),
+        description="Causal/full self-attention on [B, H, S, D] views, grouped KV heads; fwd+bwd. "
+                    "A candidate in the CUDA backend's per-shape SDPA timing.",
+    ),
+    Kernel(
         name="triton_fused_linear_ce",
         op="fused_linear_cross_entropy",
         impl=f"{_PKG}.fused_linear_ce:fused_linear_cross_entropy",
