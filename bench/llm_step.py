@@ -115,16 +115,31 @@ def profile_steps(step, n: int = 2) -> dict:
             step()
         torch.cuda.synchronize()
     by_kernel: dict[str, list] = {}
+    spans = []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             entry = by_kernel.setdefault(evt.name, [0.0, 0])
             entry[0] += evt.time_range.elapsed_us() / 1e3 / n
             entry[1] += 1
+            spans.append((evt.time_range.start, evt.time_range.end, evt.name))
+    # GPU idle time between kernels (the host not keeping up, or waiting on a sync), by the kernel after it
+    spans.sort()
+    gaps, reach = [], spans[0][1] if spans else 0
+    for start, end, name in spans[1:]:
+        if start > reach:
+            gaps.append((start - reach, name))
+        reach = max(reach, end)
+    idle_after: dict[str, float] = {}
+    for us, name in gaps:
+        if us > 20:
+            idle_after[name[:60]] = idle_after.get(name[:60], 0.0) + us / 1e3 / n
     by_class: dict[str, float] = {}
     for name, (ms, _) in by_kernel.items():
         by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:25]
     return {"gpu_ms": sum(by_class.values()), "by_class": by_class,
+            "idle_ms": sum(us for us, _ in gaps) / 1e3 / n,
+            "idle_before": sorted(idle_after.items(), key=lambda kv: -kv[1])[:8],
             "top": [(name[:110], round(ms, 2), count // n) for name, (ms, count) in top]}
 
 
@@ -356,6 +371,8 @@ def main() -> None:
             k = r["kernels"]
             print(f"\n[{r['row']}] GPU kernel time per step {k['gpu_ms']:.1f} ms of {r['ms']:.1f} ms: "
                   + ", ".join(f"{c} {ms:.1f}" for c, ms in sorted(k["by_class"].items(), key=lambda kv: -kv[1])))
+            print(f"  GPU idle between kernels {k['idle_ms']:.1f} ms per step; largest shares (gaps > 20 us), "
+                  "by the kernel that ends them: " + "; ".join(f"{name} {ms:.2f}" for name, ms in k["idle_before"]))
             for name, ms, count in k["top"]:
                 print(f"  {ms:8.2f} ms {count:5d}x  {name}")
     if args.json:

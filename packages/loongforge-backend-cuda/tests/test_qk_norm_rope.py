@@ -165,6 +165,8 @@ def test_layernorm_qk_norm_falls_back(mcore):
     assert max(errs.values()) == 0.0, errs
 
 
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
 def test_model_without_qk_norm_keeps_megatron_attention(mcore):
     """Llama (no QK-norm): the attention is megatron's and the kernel never runs."""
     backend = CountingBackend()
