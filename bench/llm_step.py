@@ -185,7 +185,7 @@ def megatron_world(backend, cuda: bool):
         from loongforge.testing import single_process_megatron
         from loongforge_cuda.modules import rope_patch
 
-        with single_process_megatron(), rope_patch(lambda: backend.kernel("rope") if "rope" in backend.kernels else None):
+        with single_process_megatron(), rope_patch(lambda: backend.kernel("rope")):
             yield
         return
     if not dist.is_initialized():

@@ -95,6 +95,20 @@ def test_registered_attention_kernels_join_the_candidates():
     assert backend.kernel("flash_attention") is flash_attention_triton
 
 
+def test_rope_tables_computed_once_per_angle_tensor():
+    freqs = torch.randn(8, 1, 1, 4)
+    cos, sin = modules.rope_tables(freqs, torch.bfloat16)
+    torch.testing.assert_close(cos, freqs.cos().bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(sin, freqs.sin().bfloat16(), rtol=0, atol=0)
+    again = modules.rope_tables(freqs, torch.bfloat16)
+    assert again[0] is cos and again[1] is sin  # q and k of every layer share one computation
+    assert modules.rope_tables(freqs, torch.float32)[0].dtype == torch.float32
+    freqs.mul_(2)  # changed in place: recomputed
+    torch.testing.assert_close(modules.rope_tables(freqs, torch.float32)[0], freqs.cos(), rtol=0, atol=0)
+    other = freqs.clone()
+    assert modules.rope_tables(other, torch.float32)[0] is not modules.rope_tables(freqs, torch.float32)[0]
+
+
 def test_rope_patch_is_undone():
     from megatron.core.transformer import attention as mattn
 

@@ -78,7 +78,7 @@ def _attention_classes(model):
 def _run(model, backend, tokens, position_ids=None, weights=None):
     """Logits and every parameter's gradient of ``sum(logits * weights)``."""
     model.zero_grad(set_to_none=True)
-    with modules.rope_patch(lambda: backend.kernel("rope") if "rope" in backend.kernels else None):
+    with modules.rope_patch(lambda: backend.kernel("rope")):
         logits = model(tokens, position_ids, None)
         (logits.float() * weights).sum().backward()  # activation recompute runs RoPE here again
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}

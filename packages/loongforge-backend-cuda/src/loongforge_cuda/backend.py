@@ -47,8 +47,7 @@ class CudaBackend(Backend):
         from loongforge_cuda.attention import MeasuredSDPAttention
         from loongforge_cuda.modules import apply_kernels
 
-        attention = MeasuredSDPAttention.with_kernels(
-            {"triton": self.kernel("flash_attention")} if "flash_attention" in self.kernels else {})
+        attention = MeasuredSDPAttention.with_kernels({"triton": self.kernel("flash_attention")})
         spec = local_sdpa_spec(config, core_attention=attention)
         ops = ("rmsnorm", "swiglu", "qk_norm_rope")
         return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
@@ -71,7 +70,7 @@ class CudaBackend(Backend):
         from loongforge_cuda.modules import rope_patch
 
         torch.cuda.set_device(local_rank)
-        with rope_patch(lambda: self.kernel("rope") if "rope" in self.kernels else None):
+        with rope_patch(lambda: self.kernel("rope")):
             yield self
 
     def manual_seed(self, seed: int) -> None:

@@ -137,6 +137,25 @@ def apply_kernels(spec, ops: dict):
     return spec
 
 
+_rope_tables_last: list = []  # [(freqs, its version, dtype, cos, sin)]: the tables of the forward in progress
+
+
+def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` of megatron's RoPE angles rounded to ``dtype`` (as its
+    ``apply_rotary_pos_emb`` does). Every layer's q and k get the same angle tensor within a
+    forward, so the tables are computed once for it rather than twice per layer (four kernel
+    launches each time, on a path where the host is what limits small steps)."""
+    if freqs.requires_grad:
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    if _rope_tables_last:
+        last, version, last_dtype, cos, sin = _rope_tables_last[0]
+        if last is freqs and version == freqs._version and last_dtype == dtype:
+            return cos, sin
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    _rope_tables_last[:] = [(freqs, freqs._version, dtype, cos, sin)]
+    return cos, sin
+
+
 def fused_rope_apply(rope, original):
     """A replacement for megatron's ``apply_rotary_pos_emb`` that calls ``rope(t, cos, sin)`` for
     the plain case (rotate-half, [s, 1, 1, d] angles shared by the batch or [s, b, 1, d] per
@@ -155,7 +174,7 @@ def fused_rope_apply(rope, original):
         if not plain:
             return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
                             mla_rotary_interleaved=mla_rotary_interleaved, **kwargs)
-        return rope(t, freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+        return rope(t, *rope_tables(freqs, t.dtype))
 
     apply_rotary_pos_emb.loongforge_fused = True
     return apply_rotary_pos_emb

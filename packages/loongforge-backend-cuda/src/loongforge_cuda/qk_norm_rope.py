@@ -31,6 +31,7 @@ def _head_rms_norm(module) -> tuple[torch.Tensor, float] | None:
 
 def qk_norm_rope_attention(qk_norm_rope) -> type:
     """megatron's ``SelfAttention`` with q/k RMSNorm + RoPE through ``qk_norm_rope``."""
+    from loongforge_cuda.modules import rope_tables
     from megatron.core.inference.utils import InferenceMode
     from megatron.core.transformer.attention import SelfAttention
 
@@ -88,8 +89,7 @@ def qk_norm_rope_attention(qk_norm_rope) -> type:
                     hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
             finally:
                 self.q_layernorm, self.k_layernorm = q_norm, k_norm
-            # angles rounded to the activations' dtype, as megatron's apply_rotary_pos_emb does
-            cos, sin = freqs.cos().to(query.dtype), freqs.sin().to(query.dtype)
+            cos, sin = rope_tables(freqs, query.dtype)
             query = qk_norm_rope(query, *_head_rms_norm(q_norm), cos, sin)
             key = qk_norm_rope(key, *_head_rms_norm(k_norm), cos, sin)
             return (query, key, *rest)

@@ -57,9 +57,7 @@ class _FlashAttention(torch.autograd.Function):
 
         b, h, s_q, d = q.shape
         h_kv, s_k = k.shape[1], k.shape[2]
-        out = torch.empty_like(q)  # keeps q's memory order: megatron's [S, B, H, D] stays a view
-        if out.stride(-1) != 1:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q)  # keeps q's memory order (else contiguous): [S, B, H, D] stays a view
         lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
         grid = lambda meta: (s_q // meta["BLOCK_M"], b * h)  # noqa: E731
         attn_fwd_kernel[grid](q, k, v, out, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
