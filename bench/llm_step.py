@@ -14,6 +14,7 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
   ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradbf16`` (bf16 gradient buffer instead of
   the trainer's fp32 one),
+  ``nowgradfusion`` (weight gradients added to the fp32 buffer by DDP's hook instead of by the GEMM),
   ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
   instead of the fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
   clipping and master -> parameter copy instead of torch's foreach ops),
@@ -177,15 +178,16 @@ def time_steps(step, clock: Clock, warmup: int, steps: int, profile: bool = Fals
 @contextlib.contextmanager
 def megatron_world(backend, cuda: bool):
     """One-rank megatron-core: NCCL and the CUDA backend active, or (smoke runs) gloo with the CPU
-    backend's adaptations plus the CUDA backend's RoPE patch."""
+    backend's adaptations plus the CUDA backend's RoPE and weight-gradient patches."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     if not cuda:
         from loongforge.testing import single_process_megatron
         from loongforge_cuda.modules import rope_patch
+        from loongforge_cuda.wgrad import wgrad_accumulation_patch
 
-        with single_process_megatron(), rope_patch(lambda: backend.kernel("rope")):
+        with single_process_megatron(), rope_patch(lambda: backend.kernel("rope")), wgrad_accumulation_patch():
             yield
         return
     if not dist.is_initialized():
@@ -241,6 +243,8 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             grad_reduce_in_fp32=not opts.get("gradbf16"), overlap_grad_reduce=False,
             use_distributed_optimizer=bool(opts.get("distopt")))
         model = DistributedDataParallel(config, ddp_cfg, model)
+        if not opts.get("nowgradfusion"):
+            backend.after_data_parallel([model])
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
             bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=bool(opts.get("distopt"))),

@@ -1,6 +1,7 @@
-"""The foreach multi-tensor ops and torch's fused AdamW give megatron-core's optimizer step the
-same result as its own per-tensor fallbacks and multi-tensor AdamW (norm, clipping, master ->
-bf16 parameter copy), on a real GPTModel with megatron DDP and the bf16 mixed-precision optimizer."""
+"""The foreach multi-tensor ops and torch's fused AdamW (with the clipping factor as its
+``grad_scale``) give megatron-core's optimizer step the same result as its own per-tensor
+fallbacks, clipping and multi-tensor AdamW (norm, clipping, master -> bf16 parameter copy), on a
+real GPTModel with megatron DDP and the bf16 mixed-precision optimizer."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def _train(patched: bool):
             params_dtype=torch.bfloat16), [model])
         if patched:
             use_fused_adam(optimizer)
+        grad_scales = []  # what the torch optimizer's step sees
+        optimizer.chained_optimizers[0].optimizer.register_step_pre_hook(
+            lambda opt, *_: grad_scales.append(getattr(opt, "grad_scale", None)))
         tokens = torch.randint(0, 96, (STEPS, 2, 17), generator=torch.Generator().manual_seed(3))
         positions = torch.arange(16).expand(2, 16)
         norms = []
@@ -52,18 +56,22 @@ def _train(patched: bool):
                     assert clip_grads.l2_norm_impl is multi_tensor.l2norm
                 ok, grad_norm, _ = optimizer.step()
             assert ok
+            assert getattr(optimizer.chained_optimizers[0].optimizer, "grad_scale", None) is None
             norms.append(float(grad_norm))
         inner = optimizer.chained_optimizers[0]
         assert all(bool(g["fused"]) is patched for g in inner.optimizer.param_groups)
         masters = [p.detach().clone() for group in inner.fp32_from_float16_groups for p in group]
-        return norms, masters, [p.detach().float().clone() for p in model.parameters()]
+        return norms, masters, [p.detach().float().clone() for p in model.parameters()], grad_scales
 
 
 def test_foreach_ops_and_fused_adam_match_megatron_fallbacks():
-    ref_norms, ref_masters, ref_params = _train(patched=False)
-    norms, masters, params = _train(patched=True)
+    ref_norms, ref_masters, ref_params, ref_scales = _train(patched=False)
+    norms, masters, params, scales = _train(patched=True)
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert min(ref_norms) > 0.05, "clipping must be exercised"
+    # megatron clips the grads in place; ours hands the factor to the fused AdamW (grads / grad_scale)
+    assert ref_scales == [None] * STEPS
+    assert [float(s) for s in scales] == pytest.approx([n / 0.05 for n in norms], rel=1e-5)
     # fused and multi-tensor AdamW round differently; Adam's m / sqrt(v) turns that into up to
     # ~1e-3 of an update (lr) on elements whose gradients are ~0, and ~1e-9 everywhere else
     off = sum(int(((ours - ref).abs() > 1e-6).sum()) for ours, ref in zip(masters, ref_masters, strict=True))

@@ -47,8 +47,8 @@ def _compare(kt, dtype, hidden, weight, labels, reduction, chunk_size=CHUNK, **k
     out, grads, go = kt.fwd_bwd(fused, [hidden, weight])
     ref_out, ref_grads, _ = kt.fwd_bwd(ref, [hidden, weight], go)
     assert out.dtype == torch.float32
-    # The loss itself is fp32 on both sides (fp32-accumulated logits), so it is tight even for bf16.
-    kt.parity(out, ref_out, torch.float32, "loss")
+    # The loss is fp32 on both sides; with bf16 operands ours comes from bf16-rounded logits.
+    kt.parity(out, ref_out, dtype, "loss")
     kt.parity(grads[0], ref_grads[0], dtype, "dhidden")
     kt.parity(grads[1], ref_grads[1], dtype, "dweight")
 
@@ -116,37 +116,38 @@ def test_fused_ce_no_grad(kt):
         out = fused_linear_cross_entropy_triton(hidden, weight, labels, chunk_size=CHUNK)
     assert out.grad_fn is None
     kt.parity(
-        out, fused_linear_cross_entropy_reference(hidden, weight, labels).detach(), torch.float32, "loss"
+        out, fused_linear_cross_entropy_reference(hidden, weight, labels).detach(), torch.bfloat16, "loss"
     )
 
 
 def test_fused_ce_logits_never_exceed_one_chunk(kt, monkeypatch):
-    """Every matmul the op runs is at most chunk x V (or V x H for the weight grad): no [N, V]."""
+    """Every logits matmul is at most chunk x V and the weight gradient is accumulated chunk by
+    chunk: no [N, V] ever exists."""
     hidden, weight, labels = _inputs(kt, torch.bfloat16, n=50)
-    shapes = []
-    real_mm, real_addmm = _matmul.mm_f32, _matmul.addmm_f32_
+    logits_rows, accumulated_rows = [], []
+    real_logits, real_addmm = fce._chunk_logits, _matmul.addmm_f32_
 
-    def mm(a, b):
-        shapes.append((a.shape[0], b.shape[1]))
-        return real_mm(a, b)
+    def chunk_logits(h_c, w):
+        logits, lse = real_logits(h_c, w)
+        assert logits.shape == (h_c.shape[0], V) and logits.dtype == torch.bfloat16
+        logits_rows.append(h_c.shape[0])
+        return logits, lse
 
     def addmm(acc, a, b):
-        shapes.append((a.shape[0], a.shape[1]))  # the reduced (token) dim is a's second
+        accumulated_rows.append(a.shape[1])  # the reduced (token) dim is a's second
         return real_addmm(acc, a, b)
 
-    monkeypatch.setattr(_matmul, "mm_f32", mm)
+    monkeypatch.setattr(fce, "_chunk_logits", chunk_logits)
     monkeypatch.setattr(_matmul, "addmm_f32_", addmm)
     # ceil(50 / 8) chunks; "none" with a per-token gradient recomputes them all in backward
     for reduction, weights, chunks in (("mean", None, 7), ("none", None, 7), ("none", "random", 14)):
-        shapes.clear()
+        logits_rows.clear(), accumulated_rows.clear()
         out = fused_linear_cross_entropy_triton(hidden, weight, labels, reduction=reduction, chunk_size=8)
         grad_out = torch.ones_like(out) if weights is None else torch.rand_like(out)
         with pytest.warns(UserWarning, match="recomputing") if weights else _no_warning():
             torch.autograd.grad(out, [hidden, weight], grad_out)
-        logits = [s for s in shapes if s[1] == V]
-        assert len(logits) == chunks, (reduction, weights)
-        assert max(r for r, _ in logits) == 8
-        assert all(r <= 8 or c <= 8 for r, c in shapes)
+        assert len(logits_rows) == chunks and max(logits_rows) == 8, (reduction, weights)
+        assert len(accumulated_rows) == chunks and max(accumulated_rows) == 8, (reduction, weights)
 
 
 def _no_warning():
@@ -178,7 +179,7 @@ def test_fused_ce_none_uniform_gradient_uses_forward_gradients(kt, dtype, monkey
         lambda h, w: fused_linear_cross_entropy_reference(h, w, labels, reduction="none"), [hidden, weight], grad_out)
     assert len(recomputed) == 1, "backward recomputed the chunks"
     assert fce.SPECULATE["on"]
-    kt.parity(out, ref_out, torch.float32, "loss")
+    kt.parity(out, ref_out, dtype, "loss")
     kt.parity(grads[0], ref_grads[0], dtype, "dhidden")
     kt.parity(grads[1], ref_grads[1], dtype, "dweight")
 
@@ -192,9 +193,12 @@ def test_fused_ce_none_after_a_miss_stops_speculating(kt):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(8192, 2048, 128256) == 256
+    # bf16 chunk logits [4096, V] take as many bytes as the fp32 [V, 2048] weight-gradient accumulator
+    assert default_chunk_size(32768, 2048, 128256) == 4096
+    assert default_chunk_size(32768, 2048, 128256, itemsize=4) == 2048
+    assert default_chunk_size(1 << 20, 2560, 151936) == 5120
     assert default_chunk_size(10, 2048, 128256) == 10
-    assert default_chunk_size(1 << 20, 8192, 32000) == 4096
+    assert default_chunk_size(1 << 20, 32, 1000) == 256  # never below 256 rows
 
 
 def test_fused_ce_dispatch(kt, monkeypatch):

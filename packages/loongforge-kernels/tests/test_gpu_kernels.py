@@ -173,8 +173,8 @@ def _peak_bytes(fn):
 
 
 def test_fused_ce_gpu_peak_memory():
-    """N=8192, H=2048, V=128256 in bf16: the reference's [N, V] fp32 logits alone are 4 GiB."""
-    hidden, weight, labels = _ce_inputs(8192, 2048, 128256, torch.bfloat16)
+    """N=16384, H=2048, V=128256 in bf16: the reference's [N, V] fp32 logits alone are 8 GiB."""
+    hidden, weight, labels = _ce_inputs(16384, 2048, 128256, torch.bfloat16)
 
     def run(fn):
         def step():

@@ -1,7 +1,8 @@
 """The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
 the fast layer: attention with the kernel measured fastest per shape (torch's SDPA kernels and
 our Triton flash attention), plus the registered fused kernels
-(RMSNorm, SwiGLU, RoPE, QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``."""
+(RMSNorm, SwiGLU, RoPE, QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``, and
+weight-gradient GEMMs that accumulate into DDP's fp32 ``main_grad``."""
 
 from __future__ import annotations
 
@@ -68,10 +69,18 @@ class CudaBackend(Backend):
     @contextlib.contextmanager
     def activate(self, local_rank: int = 0):
         from loongforge_cuda.modules import rope_patch
+        from loongforge_cuda.wgrad import wgrad_accumulation_patch
 
         torch.cuda.set_device(local_rank)
-        with rope_patch(lambda: self.kernel("rope")):
+        with rope_patch(lambda: self.kernel("rope")), wgrad_accumulation_patch():
             yield self
+
+    def after_data_parallel(self, modules: list) -> None:
+        """Weight-gradient GEMMs accumulate straight into DDP's ``main_grad`` (see
+        :mod:`loongforge_cuda.wgrad`)."""
+        from loongforge_cuda.wgrad import fuse_wgrad_accumulation
+
+        fuse_wgrad_accumulation(modules)
 
     def manual_seed(self, seed: int) -> None:
         from megatron.core import tensor_parallel

@@ -205,11 +205,11 @@ def rope_patch(get_rope):
         mattn.apply_rotary_pos_emb = original
 
 
-def fused_ce_output_processor(ce, chunk_size: int | None = 2048):
+def fused_ce_output_processor(ce, chunk_size: int | None = None):
     """A ``GPTModel.forward(output_processor=...)`` computing the per-token loss ``[b, s]`` with
     ``ce(hidden, weight, labels, reduction="none", chunk_size=...)`` (tp=1, no MuP, labels given);
-    anything else goes through megatron's output layer and loss. ``chunk_size`` 2048 keeps one
-    chunk's fp32 logits at 1 GiB for a 128k vocabulary."""
+    anything else goes through megatron's output layer and loss (``chunk_size`` None: the kernel's
+    default)."""
 
     def processor(*, hidden_states, output_layer, output_weight, labels, runtime_gather_output=None,
                   compute_language_model_loss, scale_logits, config, vocab_size=None, **_):

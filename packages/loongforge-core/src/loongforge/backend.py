@@ -63,3 +63,7 @@ class Backend:
     def peak_flops(self, dtype: str) -> float | None:
         """Dense peak FLOP/s of one device for ``dtype`` (for MFU); ``None`` when unknown."""
         return None
+
+    def after_data_parallel(self, modules: list) -> None:
+        """Adaptations that need the data-parallel wrappers' gradient buffers (``main_grad``), made
+        once the trainer has wrapped ``modules`` (inside :meth:`activate`)."""

@@ -1,7 +1,7 @@
-"""Matmuls that accumulate in fp32 for bf16/fp16 operands (used by the chunked LM-head loss).
+"""An fp32 accumulator for bf16/fp16 matmuls (the chunked LM-head loss's weight gradient).
 
-On CUDA this uses ``torch.mm(..., out_dtype=torch.float32)`` / ``torch.addmm(..., out=acc)`` (cuBLAS
-with fp32 output, in place for the accumulator). Whether the installed torch supports those layouts
+On CUDA this uses ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` (cuBLAS with fp32 output,
+in place). Whether the installed torch supports those layouts
 is probed once per device; without them (and on CPU, where the interpreter tests run) the operands
 are upcast to fp32, which is exact but costs memory.
 """
@@ -31,15 +31,6 @@ def _fp32_out_supported(device: torch.device) -> bool:
             ok = False
         _PROBED[key] = ok
     return _PROBED[key]
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as fp32, accumulated in fp32."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda and _fp32_out_supported(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
 
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """LM-head matmul + cross-entropy over chunks of tokens, never materialising ``[N, V]`` logits.
 
-For each chunk of ``chunk_size`` tokens: fp32 logits ``h_c @ W.T`` (bf16 operands, fp32
-accumulation), log-sum-exp and ``softmax - onehot`` in Triton, then the gradient matmuls. Peak
-extra memory is ``O(chunk_size * V)`` plus an fp32 ``[V, H]`` accumulator for the weight gradient.
+For each chunk of ``chunk_size`` tokens: logits ``h_c @ W.T`` (fp32 accumulation, stored in the
+operands' dtype, as megatron-core's and HF's bf16 output layers do), log-sum-exp and ``softmax -
+onehot`` in Triton (fp32 math, the gradient written over the logits), then the gradient matmuls.
+Peak extra memory is one chunk of logits plus an fp32 ``[V, H]`` accumulator for the weight
+gradient. The logits passes are bandwidth-bound, so bf16 logits halve them; the weight gradient is
+accumulated once per chunk (a read and write of the fp32 accumulator), so chunks are as large as
+that accumulator (:func:`default_chunk_size`).
 
 - ``mean``/``sum``: the gradients are computed during the forward (the loss is a scalar, so the
   upstream gradient only rescales them) and stored until backward.
@@ -14,7 +18,8 @@ extra memory is ``O(chunk_size * V)`` plus an fp32 ``[V, H]`` accumulator for th
   scale instead, and the process stops speculating (:data:`SPECULATE`), so a caller with weighted
   losses pays the extra work once.
 
-The loss is fp32 (the reference computes in fp32); gradients come back in the inputs' dtypes.
+The loss is fp32 (exact for fp32 operands; for bf16 ones, computed in fp32 from bf16-rounded
+logits); gradients come back in the inputs' dtypes.
 Like ``F.cross_entropy``, ``mean`` divides by the number of non-ignored tokens (NaN if none).
 Labels must lie in ``[0, V)`` or equal ``ignore_index`` (not checked on the fused path).
 """
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _matmul
-from ._dispatch import next_pow2, use_triton
+from ._dispatch import use_triton
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -50,10 +55,12 @@ def fused_linear_cross_entropy_reference(
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
-def default_chunk_size(n: int, h: int, v: int) -> int:
-    """Tokens per chunk: one chunk's logits about the size of the hidden states, 256..4096 rows."""
-    rows = next_pow2(-(-n * h // v))
-    return max(1, min(n, max(256, min(4096, rows))))
+def default_chunk_size(n: int, h: int, v: int, itemsize: int = 2) -> int:
+    """Tokens per chunk: one chunk's logits (``itemsize`` bytes each) as large as the fp32 ``[V, H]``
+    weight-gradient accumulator, a multiple of 256 rows (at most ``n``)."""
+    del v  # chunk logits [c, V] * itemsize == [V, H] * 4  <=>  c == 4 H / itemsize
+    rows = max(256, (4 * h // itemsize) // 256 * 256)
+    return max(1, min(n, rows))
 
 
 def _chunks(n: int, chunk_size: int):
@@ -64,20 +71,18 @@ def _chunks(n: int, chunk_size: int):
 def _chunk_logits(h_c, weight):
     from ._triton import cross_entropy as kernels
 
-    logits = _matmul.mm_f32(h_c, weight.t())  # [c, V] fp32
+    logits = torch.mm(h_c, weight.t())  # [c, V], fp32-accumulated, in the operand dtype
     return logits, kernels.logsumexp(logits)
 
 
-def _chunk_grads(h_c, weight, logits, lse, labels_c, scale, ignore_index, grad_buf, gh_out, gw_acc):
-    """Gradient of one chunk: ``dlogits`` in the operand dtype, then ``dh = dlogits @ W`` and
+def _chunk_grads(h_c, weight, logits, lse, labels_c, scale, ignore_index, gh_out, gw_acc):
+    """Gradient of one chunk: ``dlogits`` over the logits, then ``dh = dlogits @ W`` and
     ``dW += dlogits.T @ h`` (both fp32-accumulated)."""
     from ._triton import cross_entropy as kernels
 
-    c = logits.shape[0]
-    dlogits = logits if grad_buf is None else grad_buf[:c]
-    kernels.grad_logits(logits, lse, labels_c, scale, ignore_index, out=dlogits)
+    dlogits = kernels.grad_logits(logits, lse, labels_c, scale, ignore_index, out=logits)
     if gh_out is not None:
-        gh_out.copy_(_matmul.mm_f32(dlogits, weight))
+        torch.mm(dlogits, weight, out=gh_out)
     if gw_acc is not None:
         _matmul.addmm_f32_(gw_acc, dlogits.t(), h_c)
 
@@ -90,14 +95,9 @@ def _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale=None, gh
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    grad_buf = None
-    if scale is not None and weight.dtype != torch.float32:  # fp32 grads overwrite the logits
-        grad_buf = torch.empty(
-            (min(chunk_size, n), weight.shape[0]), dtype=weight.dtype, device=hidden.device
-        )
     for s, e in _chunks(n, chunk_size):
         logits, lse = _chunk_logits(hidden[s:e], weight)
-        target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
+        target = logits.gather(1, safe_labels[s:e, None]).squeeze(1).to(torch.float32)
         loss[s:e] = torch.where(valid[s:e], lse - target, torch.zeros_like(lse))
         if scale is not None:
             _chunk_grads(
@@ -108,7 +108,6 @@ def _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale=None, gh
                 labels[s:e],
                 scale if scale.numel() == 1 else scale[s:e],
                 ignore_index,
-                grad_buf,
                 None if gh is None else gh[s:e],
                 gw,
             )
@@ -215,7 +214,7 @@ def fused_linear_cross_entropy_triton(
     if labels1d.numel() != n:
         raise ValueError(f"{n} tokens in hidden but {labels1d.numel()} labels")
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, h, weight.shape[0])
+        chunk_size = default_chunk_size(n, h, weight.shape[0], weight.element_size())
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

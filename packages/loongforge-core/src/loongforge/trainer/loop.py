@@ -63,6 +63,7 @@ class Trainer:
             load_pretrained(self.provider, chunks, cfg.model.pretrained)
         chunks = self._prepare_chunks(chunks)
         self.model = self.hooks.loongforge_parallelize(name="model", modules=chunks, cfg=cfg, backend=rt.backend)
+        rt.backend.after_data_parallel(self.model)
         self.config = chunks[0].config
         self.optimizer = build_optimizer(cfg, self.model, rt.backend)
         self.scheduler = build_scheduler(cfg, self.optimizer)

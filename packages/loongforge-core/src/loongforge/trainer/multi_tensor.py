@@ -8,11 +8,17 @@ is ~10 ms of a ~180 ms step on an H100. torch's ``_foreach`` ops do the same wor
 multi-tensor kernels on any device. :func:`foreach_multi_tensor_ops` swaps them in while
 active, only where megatron-core is using its own fallbacks (a TE or apex install keeps its
 fused kernels).
+
+Clipping itself is one more read and write of every fp32 gradient (3.3 ms a step at 1.2B
+parameters on an H100). When the clipped gradients go to torch's fused AdamW and nowhere else,
+:func:`fold_clipping_into` lets the clip hand its factor to that kernel instead (its
+``grad_scale``: gradients are divided by it as they are read), while the context is active.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from unittest import mock
 
 import torch
@@ -46,13 +52,57 @@ def scale(_chunk_size, _noop_flag, tensor_lists, factor):
         torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
 
 
+def fold_clipping_into(torch_optimizer: torch.optim.Optimizer) -> None:
+    """Let gradient clipping of exactly ``torch_optimizer``'s parameters become its ``grad_scale``
+    (every group must run torch's fused Adam/AdamW, the one path that reads ``grad_scale``)."""
+    owner = weakref.ref(torch_optimizer)
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            param._loongforge_clip_owner = owner
+    if not getattr(torch_optimizer, "_loongforge_clip_hook", False):
+        # the factor belongs to one step: drop it once the step has read it
+        torch_optimizer.register_step_post_hook(lambda opt, *_: opt.__dict__.pop("grad_scale", None))
+        torch_optimizer._loongforge_clip_hook = True
+
+
+def _folding_owner(params: list):
+    """The torch optimizer that can take the clip of ``params`` as its ``grad_scale``, or None."""
+    refs = {getattr(p, "_loongforge_clip_owner", None) for p in params}
+    opt = next(iter(refs))() if len(refs) == 1 and None not in refs else None
+    if opt is None or not all(g.get("fused") for g in opt.param_groups):
+        return None
+    owned = {id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None}
+    return opt if owned == {id(p) for p in params} else None
+
+
+def clip_by_total_norm(original):
+    """megatron-core's ``clip_grad_by_total_norm_fp32``, handing the factor to a fused AdamW that
+    owns exactly these parameters (:func:`fold_clipping_into`); else ``original``."""
+
+    def clip(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        params = [p for p in parameters if p.grad is not None]
+        opt = None if use_decoupled_grad or not params else _folding_owner(params)
+        if opt is None:
+            return original(parameters, max_norm, total_norm, use_decoupled_grad=use_decoupled_grad)
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if isinstance(coeff, torch.Tensor):
+            opt.grad_scale = 1.0 / coeff.clamp_max(1.0).reshape(1).float()
+        elif coeff < 1.0:
+            opt.grad_scale = torch.full((1,), 1.0 / coeff, dtype=torch.float32, device=params[0].grad.device)
+
+    return clip
+
+
 @contextlib.contextmanager
 def foreach_multi_tensor_ops():
-    """Route megatron-core's optimizer multi-tensor fallbacks to :func:`l2norm`/:func:`scale`."""
+    """Route megatron-core's optimizer multi-tensor fallbacks to :func:`l2norm`/:func:`scale`, and
+    its clipping to :func:`clip_by_total_norm`."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(
+            optimizer, "clip_grad_by_total_norm_fp32", clip_by_total_norm(optimizer.clip_grad_by_total_norm_fp32)))
         if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
             for name, value in (("multi_tensor_applier", apply), ("l2_norm_impl", l2norm),
                                 ("multi_tensor_scale_impl", scale)):

@@ -9,6 +9,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from loongforge.config import ConfigError
+from loongforge.trainer.multi_tensor import fold_clipping_into
 
 _DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "wsd": "WSD", "linear": "linear"}
 
@@ -30,7 +31,8 @@ def use_fused_adam(optimizer):
     """Switch megatron-core's torch Adam/AdamW (its choice without TE or apex, built with torch's
     default multi-tensor path) to torch's fused kernel: one pass over parameters, gradients and
     both moments instead of a dozen ``_foreach`` passes. Only where torch has the fused kernel
-    for every parameter's device."""
+    for every parameter's device; an optimizer fused throughout also takes gradient clipping
+    into that kernel (``multi_tensor.fold_clipping_into``)."""
     fused_devices = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_opt = inner.optimizer
@@ -39,6 +41,8 @@ def use_fused_adam(optimizer):
         for group in torch_opt.param_groups:
             if all(p.device.type in fused_devices and p.dtype.is_floating_point for p in group["params"]):
                 group["fused"], group["foreach"] = True, False
+        if all(group.get("fused") for group in torch_opt.param_groups):
+            fold_clipping_into(torch_opt)
     return optimizer
 
 

@@ -1,4 +1,4 @@
-"""Softmax cross-entropy pieces on one chunk of fp32 logits ``[C, V]``.
+"""Softmax cross-entropy pieces on one chunk of logits ``[C, V]`` (fp32 math on any float dtype).
 
 Both kernels split each row into ``BLOCK_V`` column blocks (grid ``[C, V / BLOCK_V]``) so a small
 chunk still fills the GPU: one writes per-block (max, sum of exp), combined into the log-sum-exp in
@@ -63,7 +63,7 @@ def _block_v(logits: torch.Tensor) -> int:
 
 
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp of fp32 ``logits`` [C, V] (unit stride on V) -> [C] fp32."""
+    """Row-wise log-sum-exp of ``logits`` [C, V] (unit stride on V) -> [C] fp32."""
     c, v = logits.shape
     block = _block_v(logits)
     n_blocks = triton.cdiv(v, block)
