@@ -193,12 +193,12 @@ def test_fused_ce_none_after_a_miss_stops_speculating(kt):
 
 
 def test_default_chunk_size():
-    # bf16 chunk logits [4096, V] take as many bytes as the fp32 [V, 2048] weight-gradient accumulator
-    assert default_chunk_size(32768, 2048, 128256) == 4096
-    assert default_chunk_size(32768, 2048, 128256, itemsize=4) == 2048
-    assert default_chunk_size(1 << 20, 2560, 151936) == 5120
+    # bf16 chunk logits [8192, V] take twice the bytes of the fp32 [V, 2048] weight-gradient accumulator
+    assert default_chunk_size(32768, 2048, 128256) == 8192
+    assert default_chunk_size(32768, 1024, 128256, itemsize=4) == 2048
+    assert default_chunk_size(1 << 20, 4096, 151936) == 8192  # at most 8192 rows
     assert default_chunk_size(10, 2048, 128256) == 10
-    assert default_chunk_size(1 << 20, 32, 1000) == 256  # never below 256 rows
+    assert default_chunk_size(1 << 20, 32, 1000) == 256  # at least 256 rows
 
 
 def test_fused_ce_dispatch(kt, monkeypatch):

@@ -5,8 +5,8 @@ operands' dtype, as megatron-core's and HF's bf16 output layers do), log-sum-exp
 onehot`` in Triton (fp32 math, the gradient written over the logits), then the gradient matmuls.
 Peak extra memory is one chunk of logits plus an fp32 ``[V, H]`` accumulator for the weight
 gradient. The logits passes are bandwidth-bound, so bf16 logits halve them; the weight gradient is
-accumulated once per chunk (a read and write of the fp32 accumulator), so chunks are as large as
-that accumulator (:func:`default_chunk_size`).
+accumulated once per chunk (a read and write of the fp32 accumulator), so chunks are large
+(:func:`default_chunk_size`).
 
 - ``mean``/``sum``: the gradients are computed during the forward (the loss is a scalar, so the
   upstream gradient only rescales them) and stored until backward.
@@ -56,10 +56,14 @@ def fused_linear_cross_entropy_reference(
 
 
 def default_chunk_size(n: int, h: int, v: int, itemsize: int = 2) -> int:
-    """Tokens per chunk: one chunk's logits (``itemsize`` bytes each) as large as the fp32 ``[V, H]``
-    weight-gradient accumulator, a multiple of 256 rows (at most ``n``)."""
-    del v  # chunk logits [c, V] * itemsize == [V, H] * 4  <=>  c == 4 H / itemsize
-    rows = max(256, (4 * h // itemsize) // 256 * 256)
+    """Tokens per chunk: one chunk's logits (``itemsize`` bytes each) twice the size of the fp32
+    ``[V, H]`` weight-gradient accumulator, 256..8192 rows (at most ``n``).
+
+    Each chunk reads and writes the accumulator once (8 V H bytes) against 6 c H V FLOPs of chunk
+    matmuls: on an H100 (~750 TFLOP/s, ~3 TB/s) that overhead is ~330 / c of the LM head's time,
+    4% at 8192 rows."""
+    del v  # chunk logits [c, V] * itemsize == 2 * [V, H] * 4  <=>  c == 8 H / itemsize
+    rows = min(8192, max(256, (8 * h // itemsize) // 256 * 256))
     return max(1, min(n, rows))
 
 
@@ -176,8 +180,9 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             g = grad_out.to(torch.float32)
             common = _common_value(g, labels != ignore_index) if gw_unit is not None else g.new_zeros(())
             if common is not None:
-                gh = None if gh_unit is None else (gh_unit.to(torch.float32) * g[:, None]).to(hidden.dtype)
-                gw = None if gw_unit is None else (gw_unit * common).to(weight.dtype)
+                # one pass each: fp32 products written straight in the operands' dtype
+                gh = None if gh_unit is None else torch.mul(gh_unit, g[:, None], out=torch.empty_like(hidden))
+                gw = None if gw_unit is None else torch.mul(gw_unit, common, out=torch.empty_like(weight))
                 return gh, gw, None, None, None, None
             SPECULATE["on"] = False
             warnings.warn("fused_linear_cross_entropy(reduction='none'): the upstream gradient differs "
