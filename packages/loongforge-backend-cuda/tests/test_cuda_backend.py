@@ -46,7 +46,8 @@ def test_unknown_disable_entry_names_the_config_key():
 def test_registered_kernels_cover_the_backend_ops():
     backend = CudaBackend()
     backend.configure_kernels(KERNELS, ["triton_swiglu"])
-    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "flash_attention", "fused_linear_cross_entropy"}
+    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "flash_attention", "fused_linear_cross_entropy",
+                                   "adamw_step"}
     assert backend.kernel("swiglu") is None
     from loongforge_kernels.rmsnorm import rms_norm
 

@@ -39,6 +39,7 @@ def test_registered_kernels_resolve_with_matching_signatures():
         "qk_norm_rope",
         "flash_attention",
         "fused_linear_cross_entropy",
+        "adamw_step",
     }
     for k in kernels:
         impl, ref = load_object(k.impl), load_object(k.reference)

@@ -61,6 +61,15 @@ KERNELS = (
         device_types=("cuda",),
         description="LM-head matmul + cross-entropy in token chunks; never materialises [N, V] logits.",
     ),
+    Kernel(
+        name="triton_adamw",
+        op="adamw_step",
+        impl=f"{_PKG}.adamw:adamw_step",
+        reference=f"{_PKG}.adamw:adamw_step_reference",
+        device_types=("cuda",),
+        description="torch AdamW over all fp32 master params in one launch, writing their bf16 model "
+                    "copies in the same pass; the clip factor divides grads on load.",
+    ),
 )
 
 
