@@ -37,12 +37,13 @@ KERNELS = (
         description="Rotate-half RoPE on [S, B, H, D] (partial rotary supported); fused fwd+bwd.",
     ),
     Kernel(
-        name="triton_qk_norm_rope",
-        op="qk_norm_rope",
-        impl=f"{_PKG}.rope:qk_norm_rope",
-        reference=f"{_PKG}.rope:qk_norm_rope_reference",
+        name="triton_qkv_rope",
+        op="qkv_rope",
+        impl=f"{_PKG}.rope:qkv_rope",
+        reference=f"{_PKG}.rope:qkv_rope_reference",
         device_types=("cuda",),
-        description="Qwen3 per-head QK RMSNorm followed by RoPE in one kernel; fused fwd+bwd.",
+        description="q/k RoPE (after Qwen3's per-head QK RMSNorm when present) read from and, in "
+                    "backward, written into megatron's fused QKV layout; fused fwd+bwd.",
     ),
     Kernel(
         name="triton_flash_attention",

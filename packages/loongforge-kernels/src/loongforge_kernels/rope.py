@@ -7,6 +7,12 @@ from ``cos``/``sin`` in the precision they are given and rounded once to the out
 
 ``qk_norm_rope`` applies Qwen3's per-head RMSNorm over ``D`` first (HF ``Qwen3RMSNorm``
 numerics), fused with RoPE in a single kernel.
+
+``qkv_rope`` starts from megatron's fused QKV projection output ``[S, B, G, (H/G + 2) * D]`` (per
+KV group: its query heads, then k, then v): it rotates q and k (after their norms, if given) reading
+them in place, returns v as a view, and in backward writes the three gradients straight into one
+tensor of that layout. Megatron's own split instead copies the query heads into a contiguous tensor
+(a reshape across groups) and concatenates the three gradients in backward: two full passes over q.
 """
 
 from __future__ import annotations
@@ -143,3 +149,107 @@ def qk_norm_rope(
     if not _fusable(x, cos, sin, norm_weight):
         return qk_norm_rope_reference(x, norm_weight, eps, cos, sin)
     return qk_norm_rope_triton(x, norm_weight, eps, cos, sin)
+
+
+def _split_qkv(mixed: torch.Tensor, q_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of megatron's fused QKV ``[S, B, G, (q_per_group + 2) * D]``: q grouped
+    ``[S, B, G, q_per_group, D]``, k and v ``[S, B, G, D]``."""
+    s, b, g, width = mixed.shape
+    if width % (q_per_group + 2):
+        raise ValueError(f"fused QKV last dim {width} is not (q_per_group={q_per_group} + 2) x head dim")
+    d = width // (q_per_group + 2)
+    grouped = mixed.view(s, b, g, q_per_group + 2, d)
+    return grouped[:, :, :, :q_per_group], grouped[:, :, :, q_per_group], grouped[:, :, :, q_per_group + 1]
+
+
+def qkv_rope_reference(
+    mixed: torch.Tensor,
+    q_per_group: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's split of the fused QKV (q reshaped to ``[S, B, H, D]``), then RoPE of q and k
+    (per-head RMSNorm first when its weight is given)."""
+    q, k, v = _split_qkv(mixed, q_per_group)
+    q = q.reshape(*q.shape[:2], -1, q.shape[-1])
+
+    def rotate(t, w):
+        return apply_rope_reference(t, cos, sin) if w is None else qk_norm_rope_reference(t, w, eps, cos, sin)
+
+    return rotate(q, q_norm_weight), rotate(k, k_norm_weight), v
+
+
+class _QKVRopeFunction(torch.autograd.Function):
+    """q and k rotated (normalised first when weights are given) and v, from the fused QKV; the
+    backward builds the fused-QKV gradient directly."""
+
+    @staticmethod
+    def forward(ctx, mixed, q_weight, k_weight, eps, cos3d, sin3d, q_per_group):
+        from ._triton import rope as kernels
+
+        q_in, k_in, v = _split_qkv(mixed, q_per_group)
+        q, q_rstd = kernels.forward(q_in, cos3d, sin3d, q_weight, float(eps))
+        k, k_rstd = kernels.forward(k_in, cos3d, sin3d, k_weight, float(eps))
+        ctx.q_per_group, ctx.norm = q_per_group, (q_weight is not None, k_weight is not None)
+        saved = [cos3d, sin3d]
+        if any(ctx.norm):  # the norms' backward reads the un-normalised input
+            saved += [mixed, q_weight, q_rstd, k_weight, k_rstd]
+        ctx.save_for_backward(*saved)
+        ctx.mixed_shape, ctx.mixed_dtype = mixed.shape, mixed.dtype
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        from ._triton import rope as kernels
+
+        cos3d, sin3d, *normed = ctx.saved_tensors
+        dmixed = torch.empty(ctx.mixed_shape, dtype=ctx.mixed_dtype, device=cos3d.device)
+        dq_out, dk_out, dv_out = _split_qkv(dmixed, ctx.q_per_group)
+        grads = [None, None]
+        mixed, q_weight, q_rstd, k_weight, k_rstd = normed or [None] * 5
+        x_q, x_k = _split_qkv(mixed, ctx.q_per_group)[:2] if normed else (None, None)
+        for i, (g, out, x, w, rstd) in enumerate(((dq, dq_out, x_q, q_weight, q_rstd),
+                                                  (dk, dk_out, x_k, k_weight, k_rstd))):
+            if g is None:
+                out.zero_()
+                continue
+            _, dw = kernels.backward(_unit_last(g), cos3d, sin3d, ctx.mixed_dtype, x, w, rstd, out=out)
+            grads[i] = dw if ctx.needs_input_grad[1 + i] else None
+        if dv is None:
+            dv_out.zero_()
+        else:
+            dv_out.copy_(dv)
+        return dmixed, grads[0], grads[1], None, None, None, None
+
+
+def qkv_rope_triton(mixed, q_per_group, cos, sin, q_norm_weight=None, k_norm_weight=None, eps=0.0):
+    """The fused path, unconditionally (fwd and bwd in Triton)."""
+    if mixed.dim() != 4 or mixed.stride(-1) != 1:
+        raise ValueError(f"fused QKV must be [S, B, G, width] with unit stride on width, got {tuple(mixed.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("give both q and k norm weights or neither")
+    k_in = _split_qkv(mixed, q_per_group)[1]
+    return _QKVRopeFunction.apply(
+        mixed, q_norm_weight, k_norm_weight, eps, _cos_sin_3d(cos, k_in, "cos"), _cos_sin_3d(sin, k_in, "sin"),
+        q_per_group,
+    )
+
+
+def qkv_rope(
+    mixed: torch.Tensor,
+    q_per_group: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [S, B, H, D], k [S, B, G, D], v [S, B, G, D])`` from megatron's fused QKV with RoPE on
+    q and k (QK-norm first when weights are given); Triton on CUDA, else :func:`qkv_rope_reference`."""
+    weights = [w for w in (q_norm_weight, k_norm_weight) if w is not None]
+    if not _fusable(_split_qkv(mixed, q_per_group)[1], cos, sin, *weights) or mixed.stride(-1) != 1:
+        return qkv_rope_reference(mixed, q_per_group, cos, sin, q_norm_weight, k_norm_weight, eps)
+    return qkv_rope_triton(mixed, q_per_group, cos, sin, q_norm_weight, k_norm_weight, eps)

@@ -1,5 +1,9 @@
 """Rotate-half RoPE on ``[S, B, H, D]``, optionally preceded by a per-head RMSNorm (QK-norm).
 
+The input (and, in backward, the input gradient) may also be a grouped ``[S, B, G, H/G, D]`` view
+with its own group stride: the query heads inside megatron's fused QKV tensor, read and written in
+place of a reshape copy and a concatenation.
+
 One program handles a block of heads of one ``(s, b)``, so cos/sin are loaded once per block;
 they are ``[S, B, R]`` views, a zero stride on ``B`` sharing one row of angles across the batch. The
 rotated partner of lane ``d`` is ``d +/- R/2`` (``R`` = rotary dim, ``R <= D``; lanes ``>= R`` pass
@@ -17,6 +21,14 @@ from .._dispatch import next_pow2, num_programs
 
 
 @triton.jit
+def _head_offsets(heads, HPG, stride_g, stride_h):
+    """[BLOCK_H, 1] element offsets of heads laid out as ``groups x HPG`` (megatron's fused QKV
+    puts each group's query heads, then its k and v heads, in one row)."""
+    heads = heads[:, None].to(tl.int64)
+    return (heads // HPG) * stride_g + (heads % HPG) * stride_h
+
+
+@triton.jit
 def _rope_fwd_kernel(
     X,
     W,
@@ -26,6 +38,7 @@ def _rope_fwd_kernel(
     RSTD,
     stride_xs,
     stride_xb,
+    stride_xg,
     stride_xh,
     stride_ys,
     stride_yb,
@@ -36,6 +49,7 @@ def _rope_fwd_kernel(
     stride_sb,
     B,
     H,
+    HPG,
     D,
     HALF,
     R,
@@ -56,7 +70,7 @@ def _rope_fwd_kernel(
     sign = tl.where(d < HALF, -1.0, 1.0)
     p_mask = mask & rot[None, :]
 
-    x_rows = X + s * stride_xs + b * stride_xb + heads[:, None].to(tl.int64) * stride_xh
+    x_rows = X + s * stride_xs + b * stride_xb + _head_offsets(heads, HPG, stride_xg, stride_xh)
     x = tl.load(x_rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(x_rows + partner[None, :], mask=p_mask, other=0.0).to(tl.float32)
     if HAS_NORM:
@@ -91,9 +105,11 @@ def _rope_bwd_kernel(
     stride_dyh,
     stride_xs,
     stride_xb,
+    stride_xg,
     stride_xh,
     stride_dxs,
     stride_dxb,
+    stride_dxg,
     stride_dxh,
     stride_cs,
     stride_cb,
@@ -102,6 +118,7 @@ def _rope_bwd_kernel(
     S,
     B,
     H,
+    HPG,
     D,
     HALF,
     R,
@@ -129,8 +146,8 @@ def _rope_bwd_kernel(
     s0 = s_start.to(tl.int64)
     # 64-bit pointers advanced per position (the loop index is a plain int in the interpreter).
     dy_rows = DY + s0 * stride_dys + b * stride_dyb + heads64 * stride_dyh
-    x_rows = X + s0 * stride_xs + b * stride_xb + heads64 * stride_xh
-    dx_rows = DX + s0 * stride_dxs + b * stride_dxb + heads64 * stride_dxh
+    x_rows = X + s0 * stride_xs + b * stride_xb + _head_offsets(heads, HPG, stride_xg, stride_xh)
+    dx_rows = DX + s0 * stride_dxs + b * stride_dxb + _head_offsets(heads, HPG, stride_dxg, stride_dxh)
     cos_row = COS + s0 * stride_cs + b * stride_cb
     sin_row = SIN + s0 * stride_ss + b * stride_sb
     rstd_ptr = RSTD + (s0 * B + b) * H + heads
@@ -174,12 +191,32 @@ def _blocks(h: int, d: int) -> tuple[int, int]:
     return block_h, block_d
 
 
+def _group_size(*tensors: torch.Tensor) -> int:
+    """Heads per group: that of the grouped [S, B, G, H/G, D] tensors among ``tensors`` (all the
+    same), else all heads."""
+    sizes = {t.shape[3] for t in tensors if t.dim() == 5}
+    if len(sizes) > 1:
+        raise ValueError(f"grouped views disagree on heads per group: {sorted(sizes)}")
+    return sizes.pop() if sizes else tensors[0].shape[-2]
+
+
+def _head_strides(t: torch.Tensor, hpg: int) -> tuple[int, int]:
+    """(group stride, head stride) of ``t`` ([S, B, H, D] or [S, B, G, hpg, D]) for groups of ``hpg`` heads."""
+    if t.dim() == 5:
+        return t.stride(2), t.stride(3)
+    return hpg * t.stride(2), t.stride(2)
+
+
 def forward(x, cos, sin, weight=None, eps: float = 0.0):
-    """x [S, B, H, D] (unit stride on D); cos/sin [S, B, R] (unit stride on R, any on S and B).
+    """x [S, B, H, D] or grouped [S, B, G, H/G, D] (unit stride on D); cos/sin [S, B, R] (unit
+    stride on R, any on S and B).
 
     Returns (y contiguous [S, B, H, D], rstd [S, B, H] fp32 or None).
     """
-    s, b, h, d = x.shape
+    s, b, d = x.shape[0], x.shape[1], x.shape[-1]
+    h = x.shape[2] * x.shape[3] if x.dim() == 5 else x.shape[2]
+    hpg = _group_size(x)
+    stride_xg, stride_xh = _head_strides(x, hpg)
     r = cos.shape[-1]
     has_norm = weight is not None
     out_dtype = torch.promote_types(x.dtype, weight.dtype) if has_norm else x.dtype
@@ -196,7 +233,8 @@ def forward(x, cos, sin, weight=None, eps: float = 0.0):
         rstd if has_norm else y,
         x.stride(0),
         x.stride(1),
-        x.stride(2),
+        stride_xg,
+        stride_xh,
         y.stride(0),
         y.stride(1),
         y.stride(2),
@@ -206,6 +244,7 @@ def forward(x, cos, sin, weight=None, eps: float = 0.0):
         sin.stride(1),
         b,
         h,
+        hpg,
         d,
         r // 2,
         r,
@@ -217,16 +256,21 @@ def forward(x, cos, sin, weight=None, eps: float = 0.0):
     return y, rstd
 
 
-def backward(dy, cos, sin, dx_dtype, x=None, weight=None, rstd=None):
+def backward(dy, cos, sin, dx_dtype, x=None, weight=None, rstd=None, out=None):
     """dy [S, B, H, D] (unit stride on D) -> (dx in ``dx_dtype``, dweight [D] or None).
 
-    ``x``, ``weight`` and ``rstd`` (from :func:`forward`) are needed only with the norm.
+    ``x``, ``weight`` and ``rstd`` (from :func:`forward`) are needed only with the norm. ``out``:
+    where to write dx ([S, B, H, D] or grouped [S, B, G, H/G, D], unit stride on D) instead of a
+    new tensor.
     """
     s, b, h, d = dy.shape
     r = cos.shape[-1]
     has_norm = weight is not None
     x_arg = x if has_norm else dy  # unread without the norm
-    dx = torch.empty((s, b, h, d), dtype=dx_dtype, device=dy.device)
+    dx = torch.empty((s, b, h, d), dtype=dx_dtype, device=dy.device) if out is None else out
+    hpg = _group_size(x_arg, dx)
+    stride_xg, stride_xh = _head_strides(x_arg, hpg)
+    stride_dxg, stride_dxh = _head_strides(dx, hpg)
     block_h, block_d = _blocks(h, d)
     n_hb = triton.cdiv(h, block_h)
     if has_norm:  # loop over positions so the weight gradient needs few partial rows
@@ -250,10 +294,12 @@ def backward(dy, cos, sin, dx_dtype, x=None, weight=None, rstd=None):
         dy.stride(2),
         x_arg.stride(0),
         x_arg.stride(1),
-        x_arg.stride(2),
+        stride_xg,
+        stride_xh,
         dx.stride(0),
         dx.stride(1),
-        dx.stride(2),
+        stride_dxg,
+        stride_dxh,
         cos.stride(0),
         cos.stride(1),
         sin.stride(0),
@@ -261,6 +307,7 @@ def backward(dy, cos, sin, dx_dtype, x=None, weight=None, rstd=None):
         s,
         b,
         h,
+        hpg,
         d,
         r // 2,
         r,
