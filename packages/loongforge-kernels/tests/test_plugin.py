@@ -34,9 +34,10 @@ def test_registered_kernels_resolve_with_matching_signatures():
     assert len(set(names)) == len(names)
     assert {k.op for k in kernels} == {
         "rmsnorm",
+        "add_rmsnorm",
         "swiglu",
         "rope",
-        "qk_norm_rope",
+        "qkv_rope",
         "flash_attention",
         "fused_linear_cross_entropy",
         "adamw_step",

@@ -21,6 +21,15 @@ KERNELS = (
         description="RMSNorm over the last dim, HF Llama numerics; fused fwd+bwd (dW in-kernel partials).",
     ),
     Kernel(
+        name="triton_add_rmsnorm",
+        op="add_rmsnorm",
+        impl=f"{_PKG}.rmsnorm:add_rms_norm",
+        reference=f"{_PKG}.rmsnorm:add_rms_norm_reference",
+        device_types=("cuda",),
+        description="Pre-norm residual add + RMSNorm -> (y, h): one kernel writes both; one backward "
+                    "kernel gives dh + dnorm for x and residual, and dW.",
+    ),
+    Kernel(
         name="triton_swiglu",
         op="swiglu",
         impl=f"{_PKG}.swiglu:swiglu",

@@ -1,8 +1,10 @@
-"""RMSNorm forward/backward kernels over the last dim of a ``[M, D]`` view.
+"""RMSNorm forward/backward kernels over the last dim of a ``[M, D]`` view, optionally fused with
+the pre-norm residual add (``h = x + r`` written out and normalised in the same pass).
 
 Numerics follow HF ``LlamaRMSNorm``: normalise in fp32, round to the input dtype, then multiply by
 the weight in the promoted dtype ``P``. The backward reproduces the rounding points of autograd on
-that reference (``dy * w`` and ``dy * n`` rounded to ``P``), accumulating in fp32.
+that reference (``dy * w`` and ``dy * n`` rounded to ``P``), accumulating in fp32; with a residual
+gradient ``dh`` it is added to the norm's input gradient in fp32 before the single rounding.
 """
 
 from __future__ import annotations
@@ -15,11 +17,32 @@ from .._dispatch import next_pow2, num_programs
 
 
 @triton.jit
-def _rmsnorm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, D, eps, BLOCK_D: tl.constexpr):
+def _rmsnorm_fwd_kernel(
+    X,
+    R,
+    W,
+    Y,
+    H,
+    RSTD,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # h = x + r rounded to x's dtype (torch's same-dtype add); the norm reads the rounded h.
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, x, mask=mask)
+    x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     tl.store(RSTD + row, rstd)
     n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
@@ -33,14 +56,17 @@ def _rmsnorm_bwd_kernel(
     X,
     W,
     RSTD,
+    DRES,
     DX,
     DW_PART,
     stride_dy,
     stride_x,
+    stride_dres,
     stride_dx,
     M,
     D,
     rows_per_program,
+    HAS_DRES: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -56,6 +82,8 @@ def _rmsnorm_bwd_kernel(
     dy_ptr = DY + start * stride_dy + cols
     dx_ptr = DX + start * stride_dx + cols
     rstd_ptr = RSTD + start
+    if HAS_DRES:
+        dres_ptr = DRES + start * stride_dres + cols
     for _ in range(row_start, row_end):
         x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -65,6 +93,9 @@ def _rmsnorm_bwd_kernel(
         dw += (dy * n_cast).to(DY.dtype.element_ty).to(tl.float32)
         g = (dy * w).to(DY.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
         dx = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
+        if HAS_DRES:
+            dx += tl.load(dres_ptr, mask=mask, other=0.0).to(tl.float32)
+            dres_ptr += stride_dres
         tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=mask)
         x_ptr += stride_x
         dy_ptr += stride_dy
@@ -77,21 +108,58 @@ def _warps(block: int) -> int:
     return 4 if block < 2048 else (8 if block < 8192 else 16)
 
 
-def forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``x2d`` [M, D] (unit stride on D) -> (y [M, D] in the promoted dtype, rstd [M] fp32)."""
+def _forward(x2d, r2d, weight, eps, shape=None):
     m, d = x2d.shape
+    shape = shape or (m, d)
     out_dtype = torch.promote_types(x2d.dtype, weight.dtype)
-    y = torch.empty((m, d), dtype=out_dtype, device=x2d.device)
+    y_out = torch.empty(shape, dtype=out_dtype, device=x2d.device)
+    h_out = None if r2d is None else torch.empty(shape, dtype=x2d.dtype, device=x2d.device)
+    y = y_out.view(m, d)
+    h = None if h_out is None else h_out.view(m, d)
     rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     block = next_pow2(d)
     _rmsnorm_fwd_kernel[(m,)](
-        x2d, weight, y, rstd, x2d.stride(0), y.stride(0), d, eps, BLOCK_D=block, num_warps=_warps(block)
+        x2d,
+        r2d,
+        weight,
+        y,
+        h,
+        rstd,
+        x2d.stride(0),
+        0 if r2d is None else r2d.stride(0),
+        y.stride(0),
+        0 if h is None else h.stride(0),
+        d,
+        eps,
+        HAS_RESIDUAL=r2d is not None,
+        BLOCK_D=block,
+        num_warps=_warps(block),
     )
+    return y_out, h_out, rstd
+
+
+def forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``x2d`` [M, D] (unit stride on D) -> (y [M, D] in the promoted dtype, rstd [M] fp32)."""
+    y, _, rstd = _forward(x2d, None, weight, eps)
     return y, rstd
 
 
-def backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    """-> (dx [M, D] in x's dtype, dw [D] in weight's dtype)."""
+def add_forward(x2d: torch.Tensor, r2d: torch.Tensor, weight: torch.Tensor, eps: float, shape=None):
+    """``x2d``, ``r2d`` [M, D] of one dtype (unit stride on D) -> (y = rms_norm(h), h = x + r in
+    x's dtype, rstd [M] fp32); y and h are new contiguous tensors of ``shape`` (default [M, D]),
+    not views, so callers may return them from an autograd Function and modify them in place."""
+    return _forward(x2d, r2d, weight, eps, shape)
+
+
+def backward(
+    dy2d: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dres2d: torch.Tensor | None = None,
+):
+    """-> (dx [M, D] in x's dtype, dw [D] in weight's dtype); ``dres2d`` (the gradient reaching the
+    norm's input by another path, e.g. the residual stream) is added to dx in the same pass."""
     m, d = x2d.shape
     dx = torch.empty((m, d), dtype=x2d.dtype, device=x2d.device)
     programs = max(1, min(m, num_programs(x2d.device)))
@@ -104,14 +172,17 @@ def backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: 
         x2d,
         weight,
         rstd,
+        dres2d,
         dx,
         dw_part,
         dy2d.stride(0),
         x2d.stride(0),
+        0 if dres2d is None else dres2d.stride(0),
         dx.stride(0),
         m,
         d,
         rows_per_program,
+        HAS_DRES=dres2d is not None,
         BLOCK_D=block,
         num_warps=_warps(block),
     )
