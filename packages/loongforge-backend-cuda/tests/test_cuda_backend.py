@@ -46,7 +46,7 @@ def test_unknown_disable_entry_names_the_config_key():
 def test_registered_kernels_cover_the_backend_ops():
     backend = CudaBackend()
     backend.configure_kernels(KERNELS, ["triton_swiglu"])
-    assert set(backend.kernels) == {"rmsnorm", "rope", "qk_norm_rope", "flash_attention", "fused_linear_cross_entropy",
+    assert set(backend.kernels) == {"rmsnorm", "add_rmsnorm", "rope", "qkv_rope", "flash_attention", "fused_linear_cross_entropy",
                                    "adamw_step"}
     assert backend.kernel("swiglu") is None
     from loongforge_kernels.rmsnorm import rms_norm
@@ -169,8 +169,8 @@ def test_fused_spec_matches_local_spec(mcore, monkeypatch, name):
     with modules.rope_patch(lambda: (lambda *a: calls.append("rope") or rope(*a))):
         loss_fused = fused(tokens[:, :-1], None, None, labels=tokens[:, 1:])
     loss_plain = plain(tokens[:, :-1], None, None, labels=tokens[:, 1:])
-    # with QK-norm (qwen3) q/k RoPE runs inside the QK-norm kernel instead (test_qk_norm_rope.py)
-    expected = {"ce"} if "QKNormRoPESelfAttention" in kinds else {"rope", "ce"}
+    # q/k RoPE runs inside the fused-QKV kernel instead (test_qkv_rope.py)
+    expected = {"ce"} if "QKVRoPESelfAttention" in kinds else {"rope", "ce"}
     assert expected <= set(calls), f"fused pieces that ran: {set(calls)}"
     assert loss_fused.shape == loss_plain.shape == (2, 16)
     torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ def test_trainer_runtime_configures_kernels_from_config(monkeypatch):
     monkeypatch.setattr(rt, "select_backend", lambda plugins, requested: KernelRecordingCpu())
     cfg = compose_config("default", ["kernels.disable=[rope,triton_swiglu]"], registry=plugins.registry())
     with rt.runtime(cfg, plugins) as r:
-        assert set(r.backend.kernels) == {"rmsnorm", "qk_norm_rope", "flash_attention",
+        assert set(r.backend.kernels) == {"rmsnorm", "add_rmsnorm", "qkv_rope", "flash_attention",
                                            "fused_linear_cross_entropy", "adamw_step"}
     cfg = compose_config("default", ["kernels.disable=[ropee]"], registry=plugins.registry())
     with pytest.raises(ConfigError, match=r"kernels\.disable.*'ropee'"):

@@ -1,7 +1,7 @@
 """The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
 the fast layer: attention with the kernel measured fastest per shape (torch's SDPA kernels and
 our Triton flash attention), plus the registered fused kernels
-(RMSNorm, SwiGLU, RoPE, QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``, and
+(RMSNorm, SwiGLU, RoPE, fused-QKV RoPE / QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``, and
 weight-gradient GEMMs that accumulate into DDP's fp32 ``main_grad``."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class CudaBackend(Backend):
 
         attention = MeasuredSDPAttention.with_kernels({"triton": self.kernel("flash_attention")})
         spec = local_sdpa_spec(config, core_attention=attention)
-        ops = ("rmsnorm", "swiglu", "qk_norm_rope")
+        ops = ("rmsnorm", "swiglu", "qkv_rope")
         return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
 
     def output_processor(self, config):

@@ -7,8 +7,9 @@
   (megatron's own fusion is a jit-scripted bias+SwiGLU).
 - RoPE: megatron's attention calls ``apply_rotary_pos_emb`` from its module namespace; the backend
   swaps it while active (:func:`rope_patch`) for one that runs the fused kernel where it applies.
-- QK-norm + RoPE (Qwen3): layers with ``q_layernorm``/``k_layernorm`` get the attention of
-  :mod:`loongforge_cuda.qk_norm_rope`, which runs norm and RoPE of q and of k in one kernel each.
+- q/k RoPE (and Qwen3's QK-norm): megatron's ``SelfAttention`` becomes the one of
+  :mod:`loongforge_cuda.qkv_rope`, which reads q and k from the fused QKV projection in one kernel
+  call per layer (no query copy, no gradient concatenation).
 - LM-head + cross-entropy: :func:`fused_ce_output_processor` is a ``GPTModel.forward``
   ``output_processor`` that computes the per-token loss in chunks, never materialising the
   ``[tokens, vocab]`` logits.
@@ -104,7 +105,7 @@ def apply_kernels(spec, ops: dict):
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.identity_op import IdentityOp
 
-    norm, swiglu, qk_norm_rope = ops.get("rmsnorm"), ops.get("swiglu"), ops.get("qk_norm_rope")
+    norm, swiglu, qkv_rope = ops.get("rmsnorm"), ops.get("swiglu"), ops.get("qkv_rope")
 
     def layer(ls):
         sub = ls.submodules
@@ -119,10 +120,10 @@ def apply_kernels(spec, ops: dict):
             if qk_norms:
                 attn = dataclasses.replace(attn, submodules=dataclasses.replace(
                     attn.submodules, **{n: head_norm for n in qk_norms}))
-        if qk_norm_rope is not None and len(qk_norms) == 2 and attn.module is SelfAttention:
-            from loongforge_cuda.qk_norm_rope import qk_norm_rope_attention
+        if qkv_rope is not None and attn.module is SelfAttention:
+            from loongforge_cuda.qkv_rope import qkv_rope_attention
 
-            attn = dataclasses.replace(attn, module=qk_norm_rope_attention(qk_norm_rope))
+            attn = dataclasses.replace(attn, module=qkv_rope_attention(qkv_rope))
         if attn is not sub.self_attention:
             changes["self_attention"] = attn
         if swiglu is not None:

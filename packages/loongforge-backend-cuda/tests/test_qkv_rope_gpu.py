@@ -1,4 +1,4 @@
-"""Qwen3's fused QK-norm + RoPE on a GPU (compiled Triton, NCCL world of one; skipped without
+"""Qwen3's fused-QKV QK-norm + RoPE on a GPU (compiled Triton, NCCL world of one; skipped without
 CUDA): fp32 on == off within 1e-5, and in bf16 the fused path is as close to the fp32 model as the
 separate norm + RoPE path is. Run with ``pytest packages/loongforge-backend-cuda -m gpu``."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers (pytest imports tests by path)
-from test_qk_norm_rope import CountingBackend, _build, _compare, _run  # noqa: E402
+from test_qkv_rope import CountingBackend, _assert_close, _assert_fused, _build, _compare, _run  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -53,16 +53,14 @@ def monkeypatch_module():
 
 def test_gpu_fp32_fused_equals_separate(cuda_mcore):
     _, _, calls_on, calls_off, errs, config = _compare(NAME, seq=SEQ, batch=BATCH, device="cuda")
-    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
-    assert calls_off == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_off
-    bad = {n: e for n, e in errs.items() if not e < 1e-5}
-    assert not bad, f"rel err >= 1e-5: {bad}"
+    _assert_fused(calls_on, calls_off, config.num_layers)
+    _assert_close(errs)
 
 
 def test_gpu_bf16_fused_as_close_to_fp32_as_separate(cuda_mcore):
     """bf16 rounds differently along the two paths (the kernel computes RoPE in fp32 and rounds
     once); judged against the fp32 model, the fused path's error is no larger than the separate one's."""
-    truth_backend = CountingBackend(["qk_norm_rope"])
+    truth_backend = CountingBackend(["qkv_rope"])
     truth, provider, _ = _build(NAME, truth_backend, seq=SEQ, device="cuda")
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, provider.args.vocab_size, (BATCH, SEQ), generator=g).cuda()
@@ -81,8 +79,8 @@ def test_gpu_bf16_fused_as_close_to_fp32_as_separate(cuda_mcore):
         return backend.calls, {"logits": rel(logits, ref_logits), **{n: rel(grads[n], ref_grads[n]) for n in grads}}
 
     calls_on, on = errors(())
-    _, off = errors(["qk_norm_rope"])
-    assert calls_on["qk_norm_rope"] > 0 and calls_on["rope"] == 0, calls_on
+    _, off = errors(["qkv_rope"])
+    assert calls_on["qkv_rope"] > 0 and calls_on["rope"] == 0, calls_on
     worse = {n: (on[n], off[n]) for n in off if not on[n] <= 1.5 * off[n] + 1e-3}
     print(f"\nbf16 vs fp32, fused / separate: logits {on['logits']:.2e} / {off['logits']:.2e}; "
           f"worst grad {max(v for k, v in on.items() if k != 'logits'):.2e} / "

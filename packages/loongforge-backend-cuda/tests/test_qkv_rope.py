@@ -1,10 +1,11 @@
-"""Qwen3's QK-norm + RoPE in one kernel (``loongforge_cuda.qk_norm_rope``) through the CUDA
-backend's layer spec: with the kernel on and off (``kernels.disable=[qk_norm_rope]``) a tiny Qwen3
-computes the same logits and gradients, the fused kernel really runs (calls counted), the cases it
-does not cover fall back, and a model without QK-norm keeps megatron's attention.
+"""q/k RoPE (with Qwen3's QK-norm) straight from the fused QKV (``loongforge_cuda.qkv_rope``)
+through the CUDA backend's layer spec: with the kernel on and off (``kernels.disable=[qkv_rope]``:
+megatron's split, its norm modules and the separate RoPE kernel) tiny Qwen3 and Llama models compute
+the same logits and gradients, the fused kernel really runs (calls counted) and the cases it does
+not cover fall back.
 
 On CPU the Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by the root
-conftest); ``test_qk_norm_rope_gpu.py`` runs the comparison compiled on a GPU, in fp32 and bf16.
+conftest); ``test_qkv_rope_gpu.py`` runs the comparison compiled on a GPU, in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ needs_triton = pytest.mark.skipif(
 
 
 class CountingBackend(CudaBackend):
-    """The CUDA backend whose ``qk_norm_rope`` and ``rope`` kernels count their calls."""
+    """The CUDA backend whose ``qkv_rope`` and ``rope`` kernels count their calls."""
 
     def __init__(self, disable=()):
         super().__init__()
-        self.calls = {"qk_norm_rope": 0, "rope": 0}
+        self.calls = {"qkv_rope": 0, "rope": 0}
         self.configure_kernels(KERNELS, disable)
 
     def kernel(self, op):
@@ -86,7 +87,7 @@ def _run(model, backend, tokens, position_ids=None, weights=None):
 
 def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=False, device="cpu", **build):
     """Fused on vs off: -> (models on/off, calls on/off, {logits/each grad: rel err}, config)."""
-    on, off = CountingBackend(extra_disable), CountingBackend(["qk_norm_rope", *extra_disable])
+    on, off = CountingBackend(extra_disable), CountingBackend(["qkv_rope", *extra_disable])
     fused, provider, config = _build(name, on, seq=seq, bf16=bf16, device=device, **build)
     plain, _, _ = _build(name, off, seq=seq, bf16=bf16, device=device, **build)
     fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
@@ -105,23 +106,42 @@ def _compare(name, extra_disable=(), position_ids=None, seq=16, batch=2, bf16=Fa
     return fused, plain, on.calls, off.calls, errs, config
 
 
+def _assert_fused(calls_on, calls_off, layers, passes=1):
+    # one fused call per layer (q and k together); off: megatron's RoPE once for q, once for k
+    assert calls_on == {"qkv_rope": passes * layers, "rope": 0}, calls_on
+    assert calls_off == {"qkv_rope": 0, "rope": 2 * passes * layers}, calls_off
+
+
+def _assert_close(errs):
+    bad = {n: e for n, e in errs.items() if not e < 1e-5}
+    assert not bad, f"rel err >= 1e-5: {bad}"
+
+
 @needs_triton
 @pytest.mark.usefixtures("triton_kernels")
 @pytest.mark.parametrize("extra_disable", [(), ("rmsnorm",)], ids=["fused-norms", "torch-norms"])
-def test_qwen3_fused_qk_norm_rope_matches_separate_norm_and_rope(mcore, extra_disable):
-    """Same weights, same tokens: logits and every gradient agree (fp32) with the separate q/k
-    norm modules + fused RoPE, and q/k never go through the separate RoPE."""
+def test_qwen3_fused_qkv_rope_matches_megatron_split_norms_and_rope(mcore, extra_disable):
+    """Same weights, same tokens: logits and every gradient agree (fp32) with megatron's split,
+    separate q/k norm modules and RoPE, and q/k never go through the separate RoPE."""
     fused, plain, calls_on, calls_off, errs, config = _compare("qwen3/qwen3_tiny", extra_disable)
-    assert _attention_classes(fused) == {"QKNormRoPESelfAttention"}
+    assert _attention_classes(fused) == {"QKVRoPESelfAttention"}
     assert _attention_classes(plain) == {"SelfAttention"}
-    layers = config.num_layers
-    assert calls_on == {"qk_norm_rope": 2 * layers, "rope": 0}, calls_on  # one call for q, one for k
-    assert calls_off == {"qk_norm_rope": 0, "rope": 2 * layers}, calls_off
-    bad = {n: e for n, e in errs.items() if not e < 1e-5}
-    assert not bad, f"rel err >= 1e-5: {bad}"
+    _assert_fused(calls_on, calls_off, config.num_layers)
+    _assert_close(errs)
     # the q/k norm weights stay where they were and receive their gradient through the kernel
     assert {"q_layernorm.weight", "k_layernorm.weight"} <= {
         n.split("self_attention.")[-1] for n in errs if "self_attention." in n}
+
+
+@needs_triton
+@pytest.mark.usefixtures("triton_kernels")
+def test_llama_without_qk_norm_is_fused_too(mcore):
+    """Llama (grouped KV heads, no QK-norm): RoPE of q and k from the fused QKV, same numbers."""
+    fused, _, calls_on, calls_off, errs, config = _compare("llama3/llama3_tiny")
+    assert config.num_query_groups < config.num_attention_heads
+    assert _attention_classes(fused) == {"QKVRoPESelfAttention"}
+    _assert_fused(calls_on, calls_off, config.num_layers)
+    _assert_close(errs)
 
 
 @needs_triton
@@ -135,10 +155,8 @@ def test_positions_restarted_per_document_are_fused(mcore, batch):
     position_ids = torch.stack(rows[:batch])
     _, _, calls_on, calls_off, errs, config = _compare(
         "qwen3/qwen3_tiny", position_ids=position_ids, seq=seq, batch=batch)
-    assert calls_on == {"qk_norm_rope": 2 * config.num_layers, "rope": 0}, calls_on
-    assert calls_off == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_off
-    bad = {n: e for n, e in errs.items() if not e < 1e-5}
-    assert not bad, f"rel err >= 1e-5: {bad}"
+    _assert_fused(calls_on, calls_off, config.num_layers)
+    _assert_close(errs)
 
 
 @needs_triton
@@ -148,36 +166,23 @@ def test_full_recompute_reruns_the_fused_path(mcore):
     runs again there (twice the calls) and the gradients are unchanged."""
     _, _, calls_on, calls_off, errs, config = _compare(
         "qwen3/qwen3_tiny", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    assert calls_on == {"qk_norm_rope": 4 * config.num_layers, "rope": 0}, calls_on
-    assert calls_off == {"qk_norm_rope": 0, "rope": 4 * config.num_layers}, calls_off
-    bad = {n: e for n, e in errs.items() if not e < 1e-5}
-    assert not bad, f"rel err >= 1e-5: {bad}"
+    _assert_fused(calls_on, calls_off, config.num_layers, passes=2)
+    _assert_close(errs)
 
 
 @needs_triton
 @pytest.mark.usefixtures("triton_kernels")
 def test_layernorm_qk_norm_falls_back(mcore):
     """A LayerNorm QK-norm (weight and bias) is not what the kernel computes: the same attention
-    class runs megatron's norm modules and RoPE, the very same computation as with the kernel off."""
+    class runs megatron's split, norm modules and RoPE, the very same computation as with the
+    kernel off."""
     _, _, calls_on, _, errs, config = _compare(
         "qwen3/qwen3_tiny", overrides={"transformer_config": {"normalization": "LayerNorm"}})
-    assert calls_on == {"qk_norm_rope": 0, "rope": 2 * config.num_layers}, calls_on
+    assert calls_on == {"qkv_rope": 0, "rope": 2 * config.num_layers}, calls_on
     assert max(errs.values()) == 0.0, errs
 
 
-@needs_triton
-@pytest.mark.usefixtures("triton_kernels")
-def test_model_without_qk_norm_keeps_megatron_attention(mcore):
-    """Llama (no QK-norm): the attention is megatron's and the kernel never runs."""
-    backend = CountingBackend()
-    model, provider, _ = _build("llama3/llama3_tiny", backend)
-    assert _attention_classes(model) == {"SelfAttention"}
-    tokens = torch.randint(0, provider.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    _run(model, backend, tokens, weights=torch.ones(()))
-    assert backend.calls["qk_norm_rope"] == 0
-
-
 def test_disable_leaves_megatron_attention(mcore):
-    backend = CountingBackend(["triton_qk_norm_rope"])  # by kernel name, like kernels.disable
+    backend = CountingBackend(["triton_qkv_rope"])  # by kernel name, like kernels.disable
     model, _, _ = _build("qwen3/qwen3_tiny", backend)
     assert _attention_classes(model) == {"SelfAttention"}

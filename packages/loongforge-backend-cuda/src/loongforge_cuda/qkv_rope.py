@@ -1,17 +1,18 @@
-"""Qwen3's QK-norm and RoPE in one kernel call for q and one for k.
+"""q/k RoPE (and Qwen3's QK-norm before it) straight from megatron's fused QKV projection.
 
-megatron-core's ``SelfAttention`` normalises q and k inside ``get_query_key_value_tensors``
-(``q_layernorm``/``k_layernorm``, after the tensor-parallel head selection) and applies RoPE later
-in ``forward``. :func:`qk_norm_rope_attention` builds a subclass that, for the calls the kernel
-covers, asks megatron for the un-normalised q and k, applies ``qk_norm_rope(x, weight, eps, cos,
-sin)`` to each, and runs the rest of megatron's forward without RoPE. The norms stay the same
-modules with the same ``weight`` parameters, so checkpoints and weight mappings do not change.
+megatron-core's ``SelfAttention.get_query_key_value_tensors`` splits the fused QKV output, copies
+the query heads into a contiguous tensor (a reshape across KV groups), normalises q and k when the
+layer has ``q_layernorm``/``k_layernorm``, and ``forward`` applies RoPE to each; in backward the
+three gradients are concatenated back. :func:`qkv_rope_attention` builds a subclass that, for the
+calls the kernel covers, runs ``qkv_rope(mixed, q_per_group, cos, sin, q_norm_weight,
+k_norm_weight, eps)`` on the fused output instead (one call per layer: q and k read in place, v a
+view, the fused-QKV gradient written directly) and the rest of megatron's forward without RoPE.
+The norms stay the same modules with the same ``weight`` parameters, so checkpoints and weight
+mappings do not change.
 
-Every other call takes megatron's own path (the separate norm modules, then ``apply_rotary_pos_emb``,
-which the backend's RoPE patch may fuse): inference, packed THD sequences (``packed_seq_params``),
-context parallelism, interleaved/MLA/Transformer Engine RoPE, YaRN's mscale, layers without RoPE,
-and norms that are not RMSNorm. Angles may be shared by the batch (``[s, 1, 1, d]``) or per sample
-(``[s, b, 1, d]``: position ids that restart at each packed document).
+Every other call takes megatron's own path: inference, packed THD sequences, context parallelism,
+fewer KV groups than tensor-parallel ranks, gated attention output, interleaved/MLA/Transformer
+Engine RoPE, YaRN's mscale, layers without RoPE, and QK-norms that are not RMSNorm.
 """
 
 from __future__ import annotations
@@ -29,15 +30,23 @@ def _head_rms_norm(module) -> tuple[torch.Tensor, float] | None:
     return None if weight is None or eps is None else (weight, float(eps))
 
 
-def qk_norm_rope_attention(qk_norm_rope) -> type:
-    """megatron's ``SelfAttention`` with q/k RMSNorm + RoPE through ``qk_norm_rope``."""
+def qkv_rope_attention(qkv_rope) -> type:
+    """megatron's ``SelfAttention`` with q/k (norm and) RoPE through ``qkv_rope``."""
     from loongforge_cuda.modules import rope_tables
     from megatron.core.inference.utils import InferenceMode
     from megatron.core.transformer.attention import SelfAttention
 
-    class QKNormRoPESelfAttention(SelfAttention):
+    class QKVRoPESelfAttention(SelfAttention):
         #: the RoPE angles ``[s, 1 or b, 1, r]`` of the forward call in progress, when it is fused
         _fused_freqs = None
+
+        def _norms_fusable(self) -> bool:
+            c = self.config
+            if self.q_layernorm is None and self.k_layernorm is None:
+                return not c.qk_layernorm
+            q, k = _head_rms_norm(self.q_layernorm), _head_rms_norm(self.k_layernorm)
+            return (c.qk_layernorm and not c.qk_l2_norm and c.normalization == "RMSNorm"
+                    and q is not None and k is not None and q[1] == k[1])  # one eps for both
 
         def _fusable(self, rotary_pos_emb, batch: int, others) -> bool:
             c = self.config
@@ -46,13 +55,11 @@ def qk_norm_rope_attention(qk_norm_rope) -> type:
                 isinstance(rotary_pos_emb, torch.Tensor) and rotary_pos_emb.dim() == 4
                 and rotary_pos_emb.shape[1] in (1, batch) and rotary_pos_emb.shape[2] == 1
                 and all(v is None for v in others) and not InferenceMode.is_active()
-                and c.qk_layernorm and not c.qk_l2_norm and c.normalization == "RMSNorm"
-                and c.context_parallel_size == 1 and not no_rope
+                and c.context_parallel_size == 1 and not no_rope and self._norms_fusable()
+                and c.num_query_groups >= self.world_size and not c.attention_output_gate
                 and not (c.apply_rope_fusion or c.rotary_interleaved or c.multi_latent_attention
                          or c.fused_single_qkv_rope or c.flash_decode or c.test_mode)
                 and self._yarn_concentration_factor in (None, 1.0)
-                and _head_rms_norm(self.q_layernorm) is not None
-                and _head_rms_norm(self.k_layernorm) is not None
             )
 
         def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
@@ -78,20 +85,17 @@ def qk_norm_rope_attention(qk_norm_rope) -> type:
         def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
                                         split_qkv=True):
             freqs = self._fused_freqs
-            if freqs is None or not split_qkv:
+            if freqs is None or not split_qkv or output_gate:
                 return super().get_query_key_value_tensors(
                     hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
-            # megatron applies the norms here when they are set; detach them for this call only
-            q_norm, k_norm = self.q_layernorm, self.k_layernorm
-            self.q_layernorm = self.k_layernorm = None
-            try:
-                query, key, *rest = super().get_query_key_value_tensors(
-                    hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
-            finally:
-                self.q_layernorm, self.k_layernorm = q_norm, k_norm
-            cos, sin = rope_tables(freqs, query.dtype)
-            query = qk_norm_rope(query, *_head_rms_norm(q_norm), cos, sin)
-            key = qk_norm_rope(key, *_head_rms_norm(k_norm), cos, sin)
-            return (query, key, *rest)
+            mixed, _ = self.linear_qkv(hidden_states)  # [s, b, ng * (np/ng + 2) * hn]
+            groups = self.num_query_groups_per_partition
+            mixed = mixed.view(*mixed.shape[:2], groups, -1)
+            cos, sin = rope_tables(freqs, mixed.dtype)
+            norms = ()
+            if self.q_layernorm is not None:
+                (q_weight, eps), (k_weight, _) = _head_rms_norm(self.q_layernorm), _head_rms_norm(self.k_layernorm)
+                norms = (q_weight, k_weight, eps)
+            return qkv_rope(mixed, self.num_attention_heads_per_partition // groups, cos, sin, *norms)
 
-    return QKNormRoPESelfAttention
+    return QKVRoPESelfAttention
