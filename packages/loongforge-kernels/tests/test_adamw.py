@@ -134,7 +134,7 @@ def test_cache_follows_the_tensor_lists(kt, impl):
 
 @pytest.mark.parametrize("impl", ["triton"], indirect=True)
 def test_unaligned_views(kt, impl):
-    """Views at odd element offsets (a packed grad buffer, say) take the unhinted variant."""
+    """Views at odd element offsets (slices of a packed grad buffer, say) are fine."""
     sizes = (4096 + 3, 10)
     flat = _randn(sum(sizes) + 1, 9, kt.device)
     grads = list(flat[1:].split(sizes))
