@@ -156,7 +156,8 @@ def test_fused_spec_matches_local_spec(mcore, monkeypatch, name):
     cuda.configure_kernels(KERNELS)
     fused, config = _build(provider, cuda, run)
     kinds = {type(m).__name__ for m in fused.modules()}
-    assert {"FusedRMSNorm", "FusedSwiGLUMLP", "MeasuredSDPAttention"} <= kinds
+    assert {"FusedRMSNorm", "FusedSwiGLUMLP", "MeasuredSDPAttention", "FusedResidualNormLayer",
+            "QKVRoPESelfAttention"} <= kinds
     fused.load_state_dict(plain.state_dict())  # same parameter names: mappings/checkpoints unchanged
 
     g = torch.Generator().manual_seed(1)

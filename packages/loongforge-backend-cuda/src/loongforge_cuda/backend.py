@@ -50,7 +50,7 @@ class CudaBackend(Backend):
 
         attention = MeasuredSDPAttention.with_kernels({"triton": self.kernel("flash_attention")})
         spec = local_sdpa_spec(config, core_attention=attention)
-        ops = ("rmsnorm", "swiglu", "qkv_rope")
+        ops = ("rmsnorm", "add_rmsnorm", "swiglu", "qkv_rope")
         return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
 
     def output_processor(self, config):

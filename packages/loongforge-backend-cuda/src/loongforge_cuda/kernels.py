@@ -12,9 +12,6 @@ from collections.abc import Iterable
 from loongforge.config import ConfigError
 from loongforge.registry import Kernel, load_object
 
-#: operators the CUDA backend knows how to plug into the model
-OPS = ("rmsnorm", "swiglu", "rope", "qkv_rope", "flash_attention", "fused_linear_cross_entropy")
-
 
 def select_kernels(kernels: Iterable[Kernel], disable: Iterable[str] = (), device_type: str = "cuda") -> dict[str, Kernel]:
     """``{op: Kernel}``: the first registered kernel per operator that runs on ``device_type`` and

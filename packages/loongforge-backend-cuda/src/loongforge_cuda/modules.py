@@ -10,6 +10,8 @@
 - q/k RoPE (and Qwen3's QK-norm): megatron's ``SelfAttention`` becomes the one of
   :mod:`loongforge_cuda.qkv_rope`, which reads q and k from the fused QKV projection in one kernel
   call per layer (no query copy, no gradient concatenation).
+- Residual add + pre-MLP RMSNorm: :mod:`loongforge_cuda.residual_norm`'s layer runs them as one
+  kernel each way.
 - LM-head + cross-entropy: :func:`fused_ce_output_processor` is a ``GPTModel.forward``
   ``output_processor`` that computes the per-token loss in chunks, never materialising the
   ``[tokens, vocab]`` logits.
@@ -105,9 +107,16 @@ def apply_kernels(spec, ops: dict):
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.identity_op import IdentityOp
 
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
     norm, swiglu, qkv_rope = ops.get("rmsnorm"), ops.get("swiglu"), ops.get("qkv_rope")
+    add_norm = ops.get("add_rmsnorm") if norm is not None else None  # needs the fused norm modules
 
     def layer(ls):
+        if add_norm is not None and ls.module is TransformerLayer:
+            from loongforge_cuda.residual_norm import fused_residual_norm_layer
+
+            ls = dataclasses.replace(ls, module=fused_residual_norm_layer(add_norm))
         sub = ls.submodules
         changes = {}
         attn = sub.self_attention
