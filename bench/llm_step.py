@@ -15,8 +15,9 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradbf16`` (bf16 gradient buffer instead of
   the trainer's fp32 one),
   ``nowgradfusion`` (weight gradients added to the fp32 buffer by DDP's hook instead of by the GEMM),
-  ``distopt`` (megatron's distributed optimizer on one rank), ``foreach`` (torch's foreach AdamW
-  instead of the fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
+  ``distopt`` (megatron's distributed optimizer on one rank), ``torchadam`` (torch's fused AdamW and
+  megatron's master -> bf16 copies instead of the multi-tensor ``adamw_step`` kernel), ``foreach``
+  (torch's foreach AdamW instead of a fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
   clipping and master -> parameter copy instead of torch's foreach ops),
   ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
   (``torch.compile`` each transformer layer).
@@ -111,14 +112,14 @@ def profile_steps(step, n: int = 2) -> dict:
     """GPU kernel time of ``n`` steps by class and by kernel (per step, ms) with torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
     by_kernel: dict[str, list] = {}
     spans = []
     for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith(("##", "Optimizer.")):
             entry = by_kernel.setdefault(evt.name, [0.0, 0])
             entry[0] += evt.time_range.elapsed_us() / 1e3 / n
             entry[1] += 1
@@ -138,10 +139,47 @@ def profile_steps(step, n: int = 2) -> dict:
     for name, (ms, _) in by_kernel.items():
         by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:25]
-    return {"gpu_ms": sum(by_class.values()), "by_class": by_class,
+    return {"gpu_ms": sum(by_class.values()), "by_class": by_class, "matmuls": matmul_table(prof, n),
+            "copies": copy_table(prof, n),
             "idle_ms": sum(us for us, _ in gaps) / 1e3 / n,
             "idle_before": sorted(idle_after.items(), key=lambda kv: -kv[1])[:8],
             "top": [(name[:110], round(ms, 2), count // n) for name, (ms, count) in top]}
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_table(prof, n: int) -> list:
+    """Per matmul shape (aten mm/addmm/addmm_/bmm/baddbmm with recorded input shapes): calls per step, GPU
+    ms per step and achieved TFLOP/s (2 M N K per product), slowest total first."""
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key not in MATMUL_OPS or not avg.input_shapes:
+            continue
+        first = 0 if avg.key in ("aten::mm", "aten::bmm") else 1  # after the added matrix
+        shapes = [tuple(s) for s in avg.input_shapes[first:first + 2]]
+        if len(shapes) < 2 or min(len(s) for s in shapes) < 2:
+            continue
+        (*batch, m, k), (*_, k2, n_) = shapes
+        flops = 2 * m * n_ * k * (batch[0] if batch else 1)
+        ms = avg.device_time_total / 1e3 / n  # the op's kernels, per step
+        if ms > 0:
+            rows.append((f"{avg.key[6:]} {m}x{k} @ {k2}x{n_}", avg.count // n, round(ms, 2),
+                         round(flops * (avg.count / n) / (ms / 1e3) / 1e12, 1)))
+    return sorted(rows, key=lambda r: -r[2])[:20]
+
+
+def copy_table(prof, n: int) -> list:
+    """The aten copy/add/cat/fill ops by GPU time per step, with their input shapes (what the
+    elementwise kernels in the kernel table belong to)."""
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key in ("aten::copy_", "aten::add_", "aten::add", "aten::cat", "aten::fill_", "aten::mul",
+                       "aten::mul_", "aten::zero_", "aten::clone", "aten::contiguous"):
+            ms = avg.self_device_time_total / 1e3 / n
+            if ms > 0.2:
+                rows.append((f"{avg.key[6:]} {avg.input_shapes}"[:140], avg.count // n, round(ms, 2)))
+    return sorted(rows, key=lambda r: -r[2])[:15]
 
 
 def time_steps(step, clock: Clock, warmup: int, steps: int, profile: bool = False) -> dict:
@@ -250,7 +288,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
             bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=bool(opts.get("distopt"))),
             [model])
         if not opts.get("foreach"):
-            use_fused_adam(optimizer)
+            use_fused_adam(optimizer, adamw_step=None if opts.get("torchadam") else backend.kernel("adamw_step"))
         # megatron-core's own per-tensor fallbacks (row option mcore_ops) or torch's foreach ops
         multi_tensor_ops = contextlib.nullcontext if opts.get("mcore_ops") else foreach_multi_tensor_ops
         vocab = provider.args.vocab_size
@@ -379,6 +417,12 @@ def main() -> None:
                   "by the kernel that ends them: " + "; ".join(f"{name} {ms:.2f}" for name, ms in k["idle_before"]))
             for name, ms, count in k["top"]:
                 print(f"  {ms:8.2f} ms {count:5d}x  {name}")
+            print("  matmuls by shape (calls/step, GPU ms/step, TFLOP/s):")
+            for shape, count, ms, tflops in k["matmuls"]:
+                print(f"  {ms:8.2f} ms {count:5d}x {tflops:7.1f} TFLOP/s  {shape}")
+            print("  copies, adds, fills by input shapes (calls/step, GPU ms/step):")
+            for shape, count, ms in k["copies"]:
+                print(f"  {ms:8.2f} ms {count:5d}x  {shape}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

@@ -64,6 +64,11 @@ class Backend:
         """Dense peak FLOP/s of one device for ``dtype`` (for MFU); ``None`` when unknown."""
         return None
 
+    def kernel(self, op: str):
+        """The callable of the fused kernel this backend runs for operator ``op`` (e.g.
+        ``"adamw_step"``), or ``None`` for the trainer's plain path."""
+        return None
+
     def after_data_parallel(self, modules: list) -> None:
         """Adaptations that need the data-parallel wrappers' gradient buffers (``main_grad``), made
         once the trainer has wrapped ``modules`` (inside :meth:`activate`)."""

@@ -54,7 +54,8 @@ def scale(_chunk_size, _noop_flag, tensor_lists, factor):
 
 def fold_clipping_into(torch_optimizer: torch.optim.Optimizer) -> None:
     """Let gradient clipping of exactly ``torch_optimizer``'s parameters become its ``grad_scale``
-    (every group must run torch's fused Adam/AdamW, the one path that reads ``grad_scale``)."""
+    (for optimizers whose every step reads it: torch's fused Adam/AdamW in all groups, or
+    ``optim.KernelAdamW``)."""
     owner = weakref.ref(torch_optimizer)
     for group in torch_optimizer.param_groups:
         for param in group["params"]:
@@ -69,7 +70,8 @@ def _folding_owner(params: list):
     """The torch optimizer that can take the clip of ``params`` as its ``grad_scale``, or None."""
     refs = {getattr(p, "_loongforge_clip_owner", None) for p in params}
     opt = next(iter(refs))() if len(refs) == 1 and None not in refs else None
-    if opt is None or not all(g.get("fused") for g in opt.param_groups):
+    # torch's Adam reads grad_scale only on its fused path (groups loaded from a checkpoint may not be)
+    if opt is None or not (getattr(opt, "reads_grad_scale", False) or all(g.get("fused") for g in opt.param_groups)):
         return None
     owned = {id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None}
     return opt if owned == {id(p) for p in params} else None

@@ -1,0 +1,95 @@
+"""megatron-core's mixed-precision optimizer stepping through the ``adamw_step`` kernel
+(``loongforge.trainer.optim.KernelAdamW``: one multi-tensor AdamW that also writes the bf16 model
+params, gradient clipping as its ``grad_scale``) gives the same masters, moments and bf16 params
+as torch's AdamW + megatron's master -> model copy, on a real GPTModel with megatron DDP; and its
+state dict is torch AdamW's, so a checkpoint resumes on either."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loongforge.testing import single_process_megatron
+from loongforge.trainer import multi_tensor
+from loongforge.trainer.optim import KernelAdamW, use_fused_adam
+from loongforge_kernels.adamw import adamw_step
+
+STEPS, LR, CLIP = 3, 1e-2, 0.05
+
+
+def _train(kernel: bool, steps: int = STEPS, state_from=None):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from loongforge.modules.layer_spec import local_sdpa_spec
+
+    with single_process_megatron(seed=7):
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
+                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
+        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16)
+        model = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=LR, weight_decay=0.1, clip_grad=CLIP, bf16=True,
+            params_dtype=torch.bfloat16), [model])
+        use_fused_adam(optimizer, adamw_step=adamw_step if kernel else None)
+        inner = optimizer.chained_optimizers[0]
+        assert isinstance(inner.optimizer, KernelAdamW) is kernel
+        if state_from is not None:
+            optimizer.load_state_dict(state_from)
+        tokens = torch.randint(0, 96, (STEPS, 2, 17), generator=torch.Generator().manual_seed(3))
+        positions = torch.arange(16).expand(2, 16)
+        norms = []
+        for step in range(steps):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            model(tokens[step, :, :-1], positions, None, labels=tokens[step, :, 1:]).float().mean().backward()
+            model.finish_grad_sync()
+            with multi_tensor.foreach_multi_tensor_ops():
+                ok, grad_norm, _ = optimizer.step()
+            assert ok
+            norms.append(float(grad_norm))
+        masters = [p.detach().clone() for group in inner.fp32_from_float16_groups for p in group]
+        moments = [(s["exp_avg"].clone(), s["exp_avg_sq"].clone(), float(s["step"]))
+                   for s in inner.optimizer.state.values()]
+        params = [p.detach().clone() for group in inner.float16_groups for p in group]  # as masters
+        return norms, masters, moments, params, optimizer.state_dict()
+
+
+def test_kernel_adamw_matches_torch_adamw_and_megatron_copy():
+    ref_norms, ref_masters, ref_moments, ref_params, _ = _train(kernel=False)
+    norms, masters, moments, params, _ = _train(kernel=True)
+    assert min(ref_norms) > CLIP, "clipping must be exercised"
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    # torch's fused kernel and the kernel (torch's single-tensor AdamW arithmetic) round differently;
+    # Adam's m / sqrt(v) turns that into up to ~1e-3 of an update (lr) on elements whose gradients
+    # are ~0, and ~1e-9 everywhere else
+    off = sum(int(((ours - ref).abs() > 1e-6).sum()) for ours, ref in zip(masters, ref_masters, strict=True))
+    assert off <= 1e-3 * sum(m.numel() for m in masters)
+    for ours, ref in zip(masters, ref_masters, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=LR / 100)
+    for (m, v, step), (m_ref, v_ref, step_ref) in zip(moments, ref_moments, strict=True):
+        assert step == step_ref == STEPS
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-10)
+    # the model params are the kernel's bf16 copies of the masters (megatron's copy was skipped)
+    for ours, master in zip(params, masters, strict=True):
+        assert torch.equal(ours, master.to(torch.bfloat16))
+    for ours, ref in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2**-7, atol=LR / 100)
+
+
+def test_kernel_adamw_state_dict_resumes_torch_adamw():
+    """One step with the kernel, then its state dict continues under torch's AdamW (and back):
+    the same two-step result as either path alone."""
+    *_, state_kernel = _train(kernel=True, steps=1)
+    *_, state_torch = _train(kernel=False, steps=1)
+    assert state_kernel["optimizer"]["state"].keys() == state_torch["optimizer"]["state"].keys()
+    resumed = _train(kernel=False, steps=1, state_from=state_kernel)
+    resumed_back = _train(kernel=True, steps=1, state_from=state_torch)
+    for a, b in zip(resumed[2], resumed_back[2], strict=True):
+        assert a[2] == b[2] == 2.0  # the step count carried over
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-7)
