@@ -93,3 +93,54 @@ def test_kernel_adamw_state_dict_resumes_torch_adamw():
     for a, b in zip(resumed[2], resumed_back[2], strict=True):
         assert a[2] == b[2] == 2.0  # the step count carried over
         torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-7)
+
+
+def _losses_with_checkpoint(tmp_path, kernel: bool, steps: int, save_at=None, resume=False):
+    """Per-step losses of a tiny GPTModel trained with megatron's optimizer; saves a trainer
+    checkpoint after ``save_at`` steps, or (``resume``) starts from the latest one."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from loongforge.modules.layer_spec import local_sdpa_spec
+    from loongforge.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    with single_process_megatron(seed=7) as backend:
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
+                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
+        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16)
+        model = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=LR, weight_decay=0.1, clip_grad=CLIP, bf16=True,
+            params_dtype=torch.bfloat16), [model])
+        use_fused_adam(optimizer, adamw_step=adamw_step if kernel else None)
+        first = 0
+        if resume:
+            first = load_checkpoint(latest_checkpoint(tmp_path), [model], optimizer, backend)["step"]
+        tokens = torch.randint(0, 96, (steps, 2, 17), generator=torch.Generator().manual_seed(3))
+        positions = torch.arange(16).expand(2, 16)
+        losses = []
+        for step in range(first, steps):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = model(tokens[step, :, :-1], positions, None, labels=tokens[step, :, 1:]).float().mean()
+            loss.backward()
+            model.finish_grad_sync()
+            with multi_tensor.foreach_multi_tensor_ops():
+                assert optimizer.step()[0]
+            losses.append(loss.item())
+            if save_at == step + 1:
+                save_checkpoint(tmp_path, step + 1, [model], optimizer, {"step": step + 1}, backend)
+        return losses
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["adamw_step", "torch-fused"])
+def test_resume_from_trainer_checkpoint_continues_exactly(tmp_path, kernel):
+    full = _losses_with_checkpoint(tmp_path / "full", kernel, steps=4)
+    part = _losses_with_checkpoint(tmp_path / "part", kernel, steps=2, save_at=2)
+    resumed = _losses_with_checkpoint(tmp_path / "part", kernel, steps=4, resume=True)
+    assert part == full[:2]
+    assert resumed == full[2:]
