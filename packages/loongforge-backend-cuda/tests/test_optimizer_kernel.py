@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from loongforge.testing import single_process_megatron
+from loongforge.testing import megatron_adam, single_process_megatron, tiny_bf16_gpt
 from loongforge.trainer import multi_tensor
 from loongforge.trainer.optim import KernelAdamW, use_fused_adam
 from loongforge_kernels.adamw import adamw_step
@@ -18,23 +17,9 @@ STEPS, LR, CLIP = 3, 1e-2, 0.05
 
 
 def _train(kernel: bool, steps: int = STEPS, state_from=None):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from loongforge.modules.layer_spec import local_sdpa_spec
-
     with single_process_megatron(seed=7):
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
-                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
-        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16)
-        model = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=LR, weight_decay=0.1, clip_grad=CLIP, bf16=True,
-            params_dtype=torch.bfloat16), [model])
+        model, _ = tiny_bf16_gpt()
+        optimizer = megatron_adam(model, LR, CLIP)
         use_fused_adam(optimizer, adamw_step=adamw_step if kernel else None)
         inner = optimizer.chained_optimizers[0]
         assert isinstance(inner.optimizer, KernelAdamW) is kernel
@@ -98,24 +83,11 @@ def test_kernel_adamw_state_dict_resumes_torch_adamw():
 def _losses_with_checkpoint(tmp_path, kernel: bool, steps: int, save_at=None, resume=False):
     """Per-step losses of a tiny GPTModel trained with megatron's optimizer; saves a trainer
     checkpoint after ``save_at`` steps, or (``resume``) starts from the latest one."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from loongforge.modules.layer_spec import local_sdpa_spec
     from loongforge.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     with single_process_megatron(seed=7) as backend:
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
-                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
-        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16)
-        model = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=LR, weight_decay=0.1, clip_grad=CLIP, bf16=True,
-            params_dtype=torch.bfloat16), [model])
+        model, _ = tiny_bf16_gpt()
+        optimizer = megatron_adam(model, LR, CLIP)
         use_fused_adam(optimizer, adamw_step=adamw_step if kernel else None)
         first = 0
         if resume:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from loongforge.testing import run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

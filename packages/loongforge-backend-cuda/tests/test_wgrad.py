@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from loongforge.testing import single_process_megatron
+from loongforge.testing import single_process_megatron, tiny_bf16_gpt
 from loongforge_cuda.wgrad import TorchWgradAccumulation, fuse_wgrad_accumulation, wgrad_accumulation_patch
 
 MICRO_BATCHES = 2
@@ -15,21 +14,8 @@ MICRO_BATCHES = 2
 
 def _main_grads(fused: bool):
     """DDP's gradient buffers after two accumulated micro-batches, and how many layers were fused."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from loongforge.modules.layer_spec import local_sdpa_spec
-
     with single_process_megatron(seed=11), wgrad_accumulation_patch():
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
-                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
-        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16,
-                         share_embeddings_and_output_weights=False)
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                      Float16Module(config, model))
+        ddp, _ = tiny_bf16_gpt(share_embeddings_and_output_weights=False)
         switched = fuse_wgrad_accumulation([ddp]) if fused else 0
         tokens = torch.randint(0, 96, (MICRO_BATCHES, 2, 17), generator=torch.Generator().manual_seed(5))
         positions = torch.arange(16).expand(2, 16)

@@ -9,8 +9,7 @@ import contextlib
 
 import pytest
 import torch
-
-from loongforge.testing import single_process_megatron
+from loongforge.testing import megatron_adam, single_process_megatron, tiny_bf16_gpt
 from loongforge.trainer import multi_tensor
 from loongforge.trainer.optim import use_fused_adam
 
@@ -19,24 +18,11 @@ LR = 1e-2
 
 
 def _train(patched: bool):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer import clip_grads
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from loongforge.modules.layer_spec import local_sdpa_spec
 
     with single_process_megatron(seed=7):
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                   bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
-                                   attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
-        model = GPTModel(config, local_sdpa_spec(config), vocab_size=96, max_sequence_length=16)
-        model = DistributedDataParallel(config, DistributedDataParallelConfig(), Float16Module(config, model))
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=LR, weight_decay=0.1, clip_grad=0.05, bf16=True,
-            params_dtype=torch.bfloat16), [model])
+        model, _ = tiny_bf16_gpt()
+        optimizer = megatron_adam(model, LR, clip_grad=0.05)
         if patched:
             use_fused_adam(optimizer)
         grad_scales = []  # what the torch optimizer's step sees

@@ -106,7 +106,6 @@ def apply_kernels(spec, ops: dict):
     modules for the operators in ``ops`` (``{op: callable}``)."""
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.identity_op import IdentityOp
-
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     norm, swiglu, qkv_rope = ops.get("rmsnorm"), ops.get("swiglu"), ops.get("qkv_rope")

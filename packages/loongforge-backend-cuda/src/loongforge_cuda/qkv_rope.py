@@ -32,9 +32,10 @@ def _head_rms_norm(module) -> tuple[torch.Tensor, float] | None:
 
 def qkv_rope_attention(qkv_rope) -> type:
     """megatron's ``SelfAttention`` with q/k (norm and) RoPE through ``qkv_rope``."""
-    from loongforge_cuda.modules import rope_tables
     from megatron.core.inference.utils import InferenceMode
     from megatron.core.transformer.attention import SelfAttention
+
+    from loongforge_cuda.modules import rope_tables
 
     class QKVRoPESelfAttention(SelfAttention):
         #: the RoPE angles ``[s, 1 or b, 1, r]`` of the forward call in progress, when it is fused

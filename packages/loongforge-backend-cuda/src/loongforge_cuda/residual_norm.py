@@ -19,11 +19,12 @@ from __future__ import annotations
 def fused_residual_norm_layer(add_rmsnorm) -> type:
     """megatron's ``TransformerLayer`` with the attention residual add + pre-MLP RMSNorm through
     ``add_rmsnorm``."""
-    from loongforge_cuda.modules import FusedRMSNorm
     from megatron.core.inference.utils import InferenceMode
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
     from megatron.core.utils import make_viewless_tensor
+
+    from loongforge_cuda.modules import FusedRMSNorm
 
     class FusedResidualNormLayer(TransformerLayer):
         def _fusable(self, kwargs) -> bool:

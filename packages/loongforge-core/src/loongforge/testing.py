@@ -48,3 +48,33 @@ def run_cli(*args: str, extra_path=None, cwd=None, env: dict | None = None, time
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), full_env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "loongforge.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
+
+
+def tiny_bf16_gpt(vocab_size: int = 96, seq: int = 16, **gpt_kwargs):
+    """A 2-layer bf16 ``GPTModel`` (the local SDPA spec) in megatron-core's DDP, for optimizer and
+    gradient tests inside :func:`single_process_megatron`. Returns ``(ddp_model, config)``."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from loongforge.modules.layer_spec import local_sdpa_spec
+
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                               bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
+                               attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
+    model = GPTModel(config, local_sdpa_spec(config), vocab_size=vocab_size, max_sequence_length=seq, **gpt_kwargs)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  Float16Module(config, model))
+    return ddp, config
+
+
+def megatron_adam(model, lr: float, clip_grad: float):
+    """megatron-core's bf16 mixed-precision Adam(W) over ``model`` (weight decay 0.1)."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=clip_grad, bf16=True,
+        params_dtype=torch.bfloat16), [model])
