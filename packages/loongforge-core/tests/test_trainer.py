@@ -50,6 +50,18 @@ def test_resume_continues_exactly(third_party_site, tmp_path):
     assert resumed_losses == full_losses  # bit-identical, fp32 CPU
 
 
+def test_resume_with_a_longer_run_follows_the_configured_schedule(third_party_site, tmp_path):
+    """A run stopped at 3 steps under a 3-step schedule, resumed with a 6-step one: the new
+    schedule applies from the checkpoint's step on (as the uninterrupted 6-step run), with a
+    warning naming what changed."""
+    full, _ = train(third_party_site, tmp_path, "full")
+    train(third_party_site, tmp_path, "part", "train.steps=3", "scheduler.decay_steps=3")
+    resumed, result = train(third_party_site, tmp_path, "part")
+    assert "LR schedule follows the config" in result.stderr and "lr_decay_steps" not in result.stderr
+    assert "scheduler.decay_steps (default: train.steps) 3 -> 6" in result.stderr
+    assert train_losses(resumed)[3:] == train_losses(full)[3:]
+
+
 def test_gradient_accumulation_matches_large_micro_batch(third_party_site, tmp_path):
     accumulated, _ = train(third_party_site, tmp_path, "acc", "train.micro_batch_size=1")
     single, _ = train(third_party_site, tmp_path, "big", "train.micro_batch_size=4")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +111,7 @@ class Trainer:
                                      self.rt.backend, load_rng=not weights_only)
         if not weights_only:
             self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+            warn_schedule_change(path, state["scheduler"], self.scheduler.state_dict())
             self.scheduler.load_state_dict(state["scheduler"])
         self.hooks.loongforge_on_checkpoint_load(trainer=self, step=self.step, path=str(path))
 
@@ -226,6 +228,22 @@ class Trainer:
         logger.print(f"checkpoint: {self.ckpt_dir}")
         self.hooks.loongforge_on_train_end(trainer=self)
         return {"first_loss": first_loss, "last_loss": last_loss, "history": logger.history}
+
+
+#: scheduler state keys -> the config keys that set them
+_SCHEDULE_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "scheduler.warmup_steps",
+                  "lr_decay_steps": "scheduler.decay_steps (default: train.steps)",
+                  "lr_decay_style": "scheduler.type"}
+
+
+def warn_schedule_change(path, saved: dict, configured: dict) -> None:
+    """Resuming continues the step count but follows the config's LR schedule; say so when the
+    checkpoint was trained under another one (e.g. a run extended with a larger train.steps)."""
+    changed = [f"{key} {saved[name]} -> {configured[name]}" for name, key in _SCHEDULE_KEYS.items()
+               if name in saved and saved[name] != configured[name]]
+    if changed:
+        warnings.warn(f"resuming from {path}: the LR schedule follows the config, not the checkpoint's: "
+                      + "; ".join(changed), stacklevel=2)
 
 
 def run_pretrain(cfg, plugins) -> dict:

@@ -140,4 +140,6 @@ def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
         wsd_decay_steps=int(decay_steps * s.wsd_decay_fraction) if s.type == "wsd" else None,
         lr_wsd_decay_style="cosine" if s.type == "wsd" else None,
+        # the config's schedule wins over a resumed checkpoint's (the loop warns when they differ)
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
