@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loongforge.testing import megatron_adam, single_process_megatron, tiny_bf16_gpt
+from loongforge.testing import megatron_adam, megatron_train_step, single_process_megatron, tiny_bf16_gpt
 from loongforge.trainer import multi_tensor
 from loongforge.trainer.optim import KernelAdamW, use_fused_adam
 from loongforge_kernels.adamw import adamw_step
@@ -26,16 +26,12 @@ def _train(kernel: bool, steps: int = STEPS, state_from=None):
         if state_from is not None:
             optimizer.load_state_dict(state_from)
         tokens = torch.randint(0, 96, (STEPS, 2, 17), generator=torch.Generator().manual_seed(3))
-        positions = torch.arange(16).expand(2, 16)
         norms = []
         for step in range(steps):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            model(tokens[step, :, :-1], positions, None, labels=tokens[step, :, 1:]).float().mean().backward()
-            model.finish_grad_sync()
-            with multi_tensor.foreach_multi_tensor_ops():
-                ok, grad_norm, _ = optimizer.step()
+            _, (ok, grad_norm, _) = megatron_train_step(model, optimizer, tokens[step],
+                                                        multi_tensor.foreach_multi_tensor_ops)
             assert ok
+            assert getattr(inner.optimizer, "grad_scale", None) is None  # the clip factor is per step
             norms.append(float(grad_norm))
         masters = [p.detach().clone() for group in inner.fp32_from_float16_groups for p in group]
         moments = [(s["exp_avg"].clone(), s["exp_avg_sq"].clone(), float(s["step"]))
@@ -93,16 +89,10 @@ def _losses_with_checkpoint(tmp_path, kernel: bool, steps: int, save_at=None, re
         if resume:
             first = load_checkpoint(latest_checkpoint(tmp_path), [model], optimizer, backend)["step"]
         tokens = torch.randint(0, 96, (steps, 2, 17), generator=torch.Generator().manual_seed(3))
-        positions = torch.arange(16).expand(2, 16)
         losses = []
         for step in range(first, steps):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = model(tokens[step, :, :-1], positions, None, labels=tokens[step, :, 1:]).float().mean()
-            loss.backward()
-            model.finish_grad_sync()
-            with multi_tensor.foreach_multi_tensor_ops():
-                assert optimizer.step()[0]
+            loss, (ok, _, _) = megatron_train_step(model, optimizer, tokens[step], multi_tensor.foreach_multi_tensor_ops)
+            assert ok
             losses.append(loss.item())
             if save_at == step + 1:
                 save_checkpoint(tmp_path, step + 1, [model], optimizer, {"step": step + 1}, backend)

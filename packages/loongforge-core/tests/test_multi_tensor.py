@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from loongforge.testing import megatron_adam, single_process_megatron, tiny_bf16_gpt
+from loongforge.testing import megatron_adam, megatron_train_step, single_process_megatron, tiny_bf16_gpt
 from loongforge.trainer import multi_tensor
 from loongforge.trainer.optim import use_fused_adam
 
@@ -28,19 +28,14 @@ def _train(patched: bool):
         grad_scales = []  # what the torch optimizer's step sees
         optimizer.chained_optimizers[0].optimizer.register_step_pre_hook(
             lambda opt, *_: grad_scales.append(getattr(opt, "grad_scale", None)))
+        if patched:
+            with multi_tensor.foreach_multi_tensor_ops():
+                assert clip_grads.l2_norm_impl is multi_tensor.l2norm
         tokens = torch.randint(0, 96, (STEPS, 2, 17), generator=torch.Generator().manual_seed(3))
-        positions = torch.arange(16).expand(2, 16)
         norms = []
         for step in range(STEPS):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = model(tokens[step, :, :-1], positions, None, labels=tokens[step, :, 1:]).float().mean()
-            loss.backward()
-            model.finish_grad_sync()
-            with multi_tensor.foreach_multi_tensor_ops() if patched else contextlib.nullcontext():
-                if patched:
-                    assert clip_grads.l2_norm_impl is multi_tensor.l2norm
-                ok, grad_norm, _ = optimizer.step()
+            ops = multi_tensor.foreach_multi_tensor_ops if patched else contextlib.nullcontext
+            _, (ok, grad_norm, _) = megatron_train_step(model, optimizer, tokens[step], ops)
             assert ok
             assert getattr(optimizer.chained_optimizers[0].optimizer, "grad_scale", None) is None
             norms.append(float(grad_norm))

@@ -42,6 +42,16 @@ def _check(kt, fused, ref, inputs, dtype):
         kt.parity(a, b, dtype, f"grad[{i}]")
 
 
+def _check_qk_norm_rope(kt, x, w, cos, sin, dtype):
+    _check(
+        kt,
+        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
+        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
+        [x, w],
+        dtype,
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["4d", "2d"])
 @pytest.mark.parametrize("rot_frac", [1.0, 0.5])
@@ -80,13 +90,7 @@ def test_qk_norm_rope_matches_reference(kt, dtype, rot_frac):
     cos, sin = _cos_sin(s, int(d * rot_frac) // 2 * 2, kt.device)
     w = kt.leaf((1.0 + 0.2 * torch.randn(d)).to(dtype))
     x = _x(kt, (s, b, h, d), dtype, seed=3)
-    _check(
-        kt,
-        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
-        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
-        [x, w],
-        dtype,
-    )
+    _check_qk_norm_rope(kt, x, w, cos, sin, dtype)
 
 
 def test_qk_norm_rope_many_heads_strided(kt):
@@ -95,13 +99,7 @@ def test_qk_norm_rope_many_heads_strided(kt):
     cos, sin = _cos_sin(s, d, kt.device)
     w = kt.leaf(1.0 + 0.2 * torch.randn(d))
     x = kt.leaf(torch.randn(b, s, h, d)).transpose(0, 1)
-    _check(
-        kt,
-        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
-        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
-        [x, w],
-        torch.float32,
-    )
+    _check_qk_norm_rope(kt, x, w, cos, sin, torch.float32)
 
 
 def test_qk_norm_rope_is_norm_then_rope(kt):
@@ -128,13 +126,7 @@ def test_per_sample_angles(kt, dtype):
     x = _x(kt, (s, b, h, d), dtype, seed=5)
     _check(kt, apply_rope_triton, apply_rope_reference, [x, cos, sin], dtype)
     w = kt.leaf((1.0 + 0.2 * torch.randn(d)).to(dtype))
-    _check(
-        kt,
-        lambda a, wt: qk_norm_rope_triton(a, wt, 1e-6, cos, sin),
-        lambda a, wt: qk_norm_rope_reference(a, wt, 1e-6, cos, sin),
-        [x, w],
-        dtype,
-    )
+    _check_qk_norm_rope(kt, x, w, cos, sin, dtype)
     with pytest.raises(ValueError):
         apply_rope_triton(x, cos[:, :2], sin[:, :2])  # B neither 1 nor x's
 

@@ -78,3 +78,19 @@ def megatron_adam(model, lr: float, clip_grad: float):
     return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=clip_grad, bf16=True,
         params_dtype=torch.bfloat16), [model])
+
+
+def megatron_train_step(model, optimizer, tokens, step_context=contextlib.nullcontext):
+    """One training step of a DDP-wrapped ``GPTModel`` on ``tokens`` [b, s + 1] (next-token
+    labels, mean loss), the optimizer stepping inside ``step_context()``. Returns ``(loss,
+    (ok, grad_norm, zeros))``, the second as megatron-core's ``optimizer.step()`` gives it."""
+    import torch
+
+    b, s = tokens.shape[0], tokens.shape[1] - 1
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = model(tokens[:, :-1], torch.arange(s).expand(b, s), None, labels=tokens[:, 1:]).float().mean()
+    loss.backward()
+    model.finish_grad_sync()
+    with step_context():
+        return loss.detach(), optimizer.step()

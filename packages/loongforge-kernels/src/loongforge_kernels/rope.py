@@ -193,9 +193,9 @@ class _QKVRopeFunction(torch.autograd.Function):
         q_in, k_in, v = _split_qkv(mixed, q_per_group)
         q, q_rstd = kernels.forward(q_in, cos3d, sin3d, q_weight, float(eps))
         k, k_rstd = kernels.forward(k_in, cos3d, sin3d, k_weight, float(eps))
-        ctx.q_per_group, ctx.norm = q_per_group, (q_weight is not None, k_weight is not None)
+        ctx.q_per_group = q_per_group
         saved = [cos3d, sin3d]
-        if any(ctx.norm):  # the norms' backward reads the un-normalised input
+        if q_weight is not None:  # (both or neither) the norms' backward reads the un-normalised input
             saved += [mixed, q_weight, q_rstd, k_weight, k_rstd]
         ctx.save_for_backward(*saved)
         ctx.mixed_shape, ctx.mixed_dtype = mixed.shape, mixed.dtype

@@ -60,8 +60,7 @@ class KernelAdamW(torch.optim.AdamW):
     """torch's AdamW (same hyper-parameters, state and state dict) whose step is one multi-tensor
     kernel call per group, ``adamw_step(params, grads, exp_avgs, exp_avg_sqs, model_params, ...)``,
     that also writes each fp32 master's low-precision model parameter: megatron's separate
-    master -> model copy is then skipped. Reads the clipping factor as ``grad_scale`` (dropped
-    after the step)."""
+    master -> model copy is then skipped. Reads the clipping factor as ``grad_scale``."""
 
     adamw_step = None
     #: fp32 master param -> the model param the kernel refreshes (absent: none, e.g. fp32 training)
@@ -74,7 +73,7 @@ class KernelAdamW(torch.optim.AdamW):
         """Make ``megatron_optimizer``'s torch AdamW a :class:`KernelAdamW` (decoupled weight decay,
         no amsgrad/maximize/capturable/differentiable; megatron's plain mixed-precision or fp32
         optimizer, not the distributed one). Returns whether it did."""
-        from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+        from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
         torch_opt = megatron_optimizer.optimizer
         if (type(torch_opt) is not torch.optim.AdamW
@@ -100,7 +99,7 @@ class KernelAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = self.__dict__.pop("grad_scale", None)
+        grad_scale = getattr(self, "grad_scale", None)  # dropped after the step (fold_clipping_into's hook)
         for group in self.param_groups:
             by_step: dict[int, list] = {}  # torch keeps a step count per parameter
             for p in group["params"]:

@@ -108,7 +108,11 @@ def _warps(block: int) -> int:
     return 4 if block < 2048 else (8 if block < 8192 else 16)
 
 
-def _forward(x2d, r2d, weight, eps, shape=None):
+def add_forward(x2d: torch.Tensor, r2d: torch.Tensor | None, weight: torch.Tensor, eps: float, shape=None):
+    """``x2d``, ``r2d`` [M, D] of one dtype (unit stride on D) -> (y = rms_norm(h), h = x + r in
+    x's dtype, rstd [M] fp32); without ``r2d`` h is x itself and not written (returned as None).
+    y and h are new contiguous tensors of ``shape`` (default [M, D]), not views, so callers may
+    return them from an autograd Function and modify them in place."""
     m, d = x2d.shape
     shape = shape or (m, d)
     out_dtype = torch.promote_types(x2d.dtype, weight.dtype)
@@ -140,15 +144,8 @@ def _forward(x2d, r2d, weight, eps, shape=None):
 
 def forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """``x2d`` [M, D] (unit stride on D) -> (y [M, D] in the promoted dtype, rstd [M] fp32)."""
-    y, _, rstd = _forward(x2d, None, weight, eps)
+    y, _, rstd = add_forward(x2d, None, weight, eps)
     return y, rstd
-
-
-def add_forward(x2d: torch.Tensor, r2d: torch.Tensor, weight: torch.Tensor, eps: float, shape=None):
-    """``x2d``, ``r2d`` [M, D] of one dtype (unit stride on D) -> (y = rms_norm(h), h = x + r in
-    x's dtype, rstd [M] fp32); y and h are new contiguous tensors of ``shape`` (default [M, D]),
-    not views, so callers may return them from an autograd Function and modify them in place."""
-    return _forward(x2d, r2d, weight, eps, shape)
 
 
 def backward(
