@@ -209,3 +209,83 @@ def test_fused_ce_dispatch(kt, monkeypatch):
     assert "FusedLinearCE" not in type(fused_linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
     with pytest.raises(ValueError):
         fused_linear_cross_entropy_triton(hidden, weight, labels, reduction="avg")
+
+
+def _fp32_weight_grad(hidden, weight, labels, reduction, grad_out):
+    """The reference's fp32 weight gradient (its math on fp32 copies of the operands)."""
+    w32 = weight.detach().float().requires_grad_(True)
+    out = fused_linear_cross_entropy_reference(hidden.detach().float(), w32, labels, reduction=reduction)
+    (dw,) = torch.autograd.grad(out, [w32], grad_out)
+    return dw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction, upstream", [("none", "uniform"), ("none", "per-token"), ("mean", None),
+                                                 ("sum", None)])
+def test_fused_ce_weight_grad_into_accumulates_fp32(kt, dtype, reduction, upstream):
+    """``weight_grad_into``: backward adds the fp32 weight gradient to the buffer's content and
+    gives the weight no gradient; the hidden gradient is unchanged. The reference does the same
+    (bit for bit its own fp32 gradient), so tests of callers can use either."""
+    hidden, weight, labels = _inputs(kt, dtype, seed=6)
+    g = torch.Generator().manual_seed(7)
+    if reduction != "none":
+        grad_out = torch.tensor(1.7, device=kt.device)
+    elif upstream == "uniform":  # a masked mean: backward rescales the forward's gradients
+        grad_out = torch.where(labels != -100, 0.03, torch.randn(labels.shape, generator=g).to(kt.device))
+    else:  # weighted tokens: backward recomputes the chunks into the buffer
+        grad_out = torch.rand(labels.shape, generator=g).to(kt.device)
+    prev = (0.1 * torch.randn(V, H, generator=g)).to(kt.device)
+    dw32 = _fp32_weight_grad(hidden, weight, labels, reduction, grad_out)
+    _, (ref_dh,), _ = kt.fwd_bwd(
+        lambda h: fused_linear_cross_entropy_reference(h, weight.detach(), labels, reduction=reduction), [hidden],
+        grad_out)
+
+    for fn in (fused_linear_cross_entropy_reference, fused_linear_cross_entropy_triton):
+        into = prev.clone()
+        h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+        out = fn(h, w, labels, reduction=reduction, chunk_size=CHUNK, weight_grad_into=into)
+        recomputes = upstream == "per-token" and fn is fused_linear_cross_entropy_triton
+        with pytest.warns(UserWarning, match="recomputing") if recomputes else _no_warning():
+            out.backward(grad_out)
+        assert w.grad is None, fn.__name__
+        kt.parity(h.grad, ref_dh, dtype, f"{fn.__name__} dhidden")
+        if fn is fused_linear_cross_entropy_reference:
+            assert torch.equal(into, prev + dw32)
+        else:
+            kt.parity(into - prev, dw32, dtype, "dweight into the buffer")
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_fused_ce_weight_grad_into_tied_with_embedding(kt, speculate, monkeypatch):
+    """One weight as embedding table and LM head: the embedding's gradient arrives through
+    autograd, the LM head's in the buffer, and together they are the full gradient."""
+    monkeypatch.setitem(fce.SPECULATE, "on", speculate)
+    hidden, weight, labels = _inputs(kt, torch.float32, seed=8)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(9)).to(kt.device)
+    proj = torch.randn(H, H, generator=torch.Generator().manual_seed(10)).to(kt.device) / H**0.5
+
+    def grads(ce, into=None):
+        w = weight.detach().requires_grad_(True)
+        h = torch.tanh(torch.nn.functional.embedding(ids, w) @ proj) + hidden.detach()
+        kw = {} if into is None else {"weight_grad_into": into}
+        per_token = ce(h, w, labels, reduction="none", chunk_size=CHUNK, **kw)
+        ((per_token * (labels != -100)).sum() / (labels != -100).sum()).backward()
+        return w.grad
+
+    full = grads(fused_linear_cross_entropy_reference)
+    ref_into = torch.full((V, H), 0.25, device=kt.device)
+    ref_embedding = grads(fused_linear_cross_entropy_reference, ref_into)
+    into = torch.full((V, H), 0.25, device=kt.device)
+    embedding = grads(fused_linear_cross_entropy_triton, into)
+    assert (ref_into != 0.25).any() and not torch.allclose(ref_embedding, full)  # the split is real
+    kt.parity(embedding, ref_embedding, torch.float32, "embedding gradient")
+    kt.parity(into - 0.25, ref_into - 0.25, torch.float32, "LM-head gradient in the buffer")
+    kt.parity(embedding + (into - 0.25), full, torch.float32, "embedding + LM-head gradient")
+
+
+def test_fused_ce_weight_grad_into_checks_the_buffer(kt):
+    hidden, weight, labels = _inputs(kt, torch.bfloat16)
+    for bad in (torch.zeros(V, H, dtype=torch.bfloat16), torch.zeros(V - 1, H)):
+        for fn in (fused_linear_cross_entropy_reference, fused_linear_cross_entropy_triton):
+            with pytest.raises(ValueError, match="weight_grad_into"):
+                fn(hidden, weight, labels, weight_grad_into=bad.to(kt.device))

@@ -22,6 +22,12 @@ The loss is fp32 (exact for fp32 operands; for bf16 ones, computed in fp32 from 
 logits); gradients come back in the inputs' dtypes.
 Like ``F.cross_entropy``, ``mean`` divides by the number of non-ignored tokens (NaN if none).
 Labels must lie in ``[0, V)`` or equal ``ignore_index`` (not checked on the fused path).
+
+``weight_grad_into`` (an fp32 tensor of the weight's shape): backward adds the weight gradient
+into it instead of returning one (the weight gets ``None``). It is for megatron-core DDP's fp32
+``main_grad``, as megatron's ``gradient_accumulation_fusion`` does for linear layers: the fp32
+accumulator goes straight into the buffer (one pass) instead of a bf16 gradient that DDP's hook
+adds again. The recomputing paths accumulate into it directly.
 """
 
 from __future__ import annotations
@@ -40,6 +46,29 @@ _REDUCTIONS = ("none", "mean", "sum")
 SPECULATE = {"on": True}
 
 
+class _AddGradInto(torch.autograd.Function):
+    """Identity on ``weight``; backward adds its gradient into ``into`` and gives ``weight`` none."""
+
+    @staticmethod
+    def forward(ctx, weight, into):
+        ctx.set_materialize_grads(False)
+        ctx.into = into
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None:
+            ctx.into.add_(grad)
+        return None, None
+
+
+def _check_grad_into(weight: torch.Tensor, into: torch.Tensor | None) -> None:
+    if into is not None and (into.dtype != torch.float32 or into.shape != weight.shape
+                             or into.device != weight.device):
+        raise ValueError(f"weight_grad_into must be an fp32 tensor of the weight's shape {tuple(weight.shape)} "
+                         f"on {weight.device}, got {into.dtype} {tuple(into.shape)} on {into.device}")
+
+
 def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -47,10 +76,16 @@ def fused_linear_cross_entropy_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, labels)`` in fp32 (``chunk_size`` is ignored)."""
+    """``F.cross_entropy(hidden @ weight.T, labels)`` in fp32 (``chunk_size`` is ignored); with
+    ``weight_grad_into`` the fp32 weight gradient is added there instead of returned."""
     del chunk_size
-    logits = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32) @ weight.to(torch.float32).t()
+    _check_grad_into(weight, weight_grad_into)
+    weight32 = weight.to(torch.float32)
+    if weight_grad_into is not None:
+        weight32 = _AddGradInto.apply(weight32, weight_grad_into)
+    logits = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32) @ weight32.t()
     loss = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
@@ -145,9 +180,10 @@ def _common_value(g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
 
 class _FusedLinearCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, grad_into):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.meta = (ignore_index, reduction, chunk_size, need_h, need_w)
+        ctx.grad_into = grad_into if need_w else None
         ctx.speculated = reduction == "none" and SPECULATE["on"]
         if ctx.speculated:  # gradients for an upstream gradient of 1, rescaled in backward
             gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
@@ -164,17 +200,23 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
         gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
         loss = _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, gw)
-        ctx.save_for_backward(gh, None if gw is None else gw.to(weight.dtype))
+        if gw is not None and ctx.grad_into is None:  # else kept in fp32, rescaled into grad_into
+            gw = gw.to(weight.dtype)
+        ctx.save_for_backward(gh, gw)
         return _reduce(loss, labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
         ignore_index, reduction, chunk_size, need_h, need_w = ctx.meta
+        into = ctx.grad_into
         if reduction != "none":  # precomputed in forward: only rescale
             gh, gw = ctx.saved_tensors
             gh = None if gh is None else gh * grad_out
+            if gw is not None and into is not None:
+                into.addcmul_(gw, grad_out)
+                gw = None
             gw = None if gw is None else gw * grad_out
-            return gh, gw, None, None, None, None
+            return gh, gw, None, None, None, None, None
         if ctx.speculated:
             hidden, weight, labels, gh_unit, gw_unit = ctx.saved_tensors
             g = grad_out.to(torch.float32)
@@ -182,8 +224,12 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             if common is not None:
                 # one pass each: fp32 products written straight in the operands' dtype
                 gh = None if gh_unit is None else torch.mul(gh_unit, g[:, None], out=torch.empty_like(hidden))
-                gw = None if gw_unit is None else torch.mul(gw_unit, common, out=torch.empty_like(weight))
-                return gh, gw, None, None, None, None
+                gw = None
+                if gw_unit is not None and into is not None:
+                    into.addcmul_(gw_unit, common)
+                elif gw_unit is not None:
+                    gw = torch.mul(gw_unit, common, out=torch.empty_like(weight))
+                return gh, gw, None, None, None, None, None
             SPECULATE["on"] = False
             warnings.warn("fused_linear_cross_entropy(reduction='none'): the upstream gradient differs "
                           "between non-ignored tokens; recomputing (and not speculating from now on)",
@@ -191,10 +237,10 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             del gh_unit, gw_unit
         else:
             hidden, weight, labels = ctx.saved_tensors
-        gh, gw = _grad_buffers(hidden, weight, need_h, need_w)
+        gh, gw = _grad_buffers(hidden, weight, need_h, need_w and into is None)
         scale = grad_out.to(torch.float32).contiguous()
-        _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, gw)
-        return gh, (None if gw is None else gw.to(weight.dtype)), None, None, None, None
+        _run_chunks(hidden, weight, labels, ignore_index, chunk_size, scale, gh, into if gw is None else gw)
+        return gh, (None if gw is None else gw.to(weight.dtype)), None, None, None, None, None
 
 
 def fused_linear_cross_entropy_triton(
@@ -204,6 +250,7 @@ def fused_linear_cross_entropy_triton(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The chunked path, unconditionally (CE pieces in Triton, matmuls in torch)."""
     if reduction not in _REDUCTIONS:
@@ -213,6 +260,7 @@ def fused_linear_cross_entropy_triton(
     h = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != h:
         raise ValueError(f"weight must be [V, H={h}], got {tuple(weight.shape)}")
+    _check_grad_into(weight, weight_grad_into)
     hidden2d = hidden.reshape(-1, h)
     labels1d = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     n = hidden2d.shape[0]
@@ -224,7 +272,7 @@ def fused_linear_cross_entropy_triton(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss = _FusedLinearCEFunction.apply(
-            hidden2d, weight, labels1d, int(ignore_index), reduction, int(chunk_size)
+            hidden2d, weight, labels1d, int(ignore_index), reduction, int(chunk_size), weight_grad_into
         )
     else:
         with torch.no_grad():
@@ -240,10 +288,12 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked on CUDA; else the reference."""
     if hidden.numel() == 0 or hidden.dtype != weight.dtype or not use_triton(hidden, weight):
         return fused_linear_cross_entropy_reference(
-            hidden, weight, labels, ignore_index, reduction, chunk_size
+            hidden, weight, labels, ignore_index, reduction, chunk_size, weight_grad_into
         )
-    return fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    return fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_size,
+                                             weight_grad_into)
