@@ -1,7 +1,9 @@
-"""The attention residual add + pre-MLP RMSNorm in one kernel (``loongforge_cuda.residual_norm``)
-through the CUDA backend's layer spec: on == off (``kernels.disable=[add_rmsnorm]``: megatron's
-bias-dropout-add and norm module) for logits and every gradient in fp32, the kernel runs once per
-layer, and hidden dropout while training takes megatron's forward."""
+"""The residual adds + following RMSNorms in one kernel (``loongforge_cuda.residual_norm``) through
+the CUDA backend's layer spec: on == off (``kernels.disable=[add_rmsnorm]``: megatron's
+bias-dropout-add and norm modules) for logits and every gradient in fp32; the kernel runs once per
+layer (attention residual + pre-MLP norm), twice once the layers are linked to the norm after them
+(MLP residual + next input norm / final norm), and hidden dropout while training takes megatron's
+forward."""
 
 from __future__ import annotations
 
@@ -29,10 +31,14 @@ def mcore():
         yield backend
 
 
-def _on_off(name, **build):
+def _on_off(name, linked=False, **build):
+    from loongforge_cuda.residual_norm import link_residual_norms
+
     on, off = AddNormCounting(), AddNormCounting(["add_rmsnorm"])
     fused, provider, config = _build(name, on, **build)
     plain, _, _ = _build(name, off, **build)
+    if linked:
+        link_residual_norms([fused, plain])  # the plain model has no fused layers: unchanged
     fused.load_state_dict(plain.state_dict())  # same parameter names
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, provider.args.vocab_size, (2, 16), generator=g)
@@ -48,15 +54,21 @@ def _on_off(name, **build):
 
 
 @needs_triton
+@pytest.mark.parametrize("linked", [False, True], ids=["within-layer", "linked"])
 @pytest.mark.parametrize("name", ["llama3/llama3_tiny", "qwen3/qwen3_tiny"])
-def test_fused_residual_norm_matches_megatron(mcore, monkeypatch, name):
+def test_fused_residual_norm_matches_megatron(mcore, monkeypatch, name, linked):
+    from loongforge_cuda.modules import FusedRMSNorm
+
     monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")
-    fused, plain, calls_on, calls_off, errs, config = _on_off(name)
+    fused, plain, calls_on, calls_off, errs, config = _on_off(name, linked)
     assert {type(layer).__name__ for layer in fused.decoder.layers} == {"FusedResidualNormLayer"}
     assert {type(layer).__name__ for layer in plain.decoder.layers} == {"TransformerLayer"}
-    assert (calls_on, calls_off) == (config.num_layers, 0)
+    assert (calls_on, calls_off) == ((2 if linked else 1) * config.num_layers, 0)
     bad = {n: e for n, e in errs.items() if not e < 1e-5}
     assert not bad, f"rel err >= 1e-5: {bad}"
+    # every handed-over norm was taken by the norm it was meant for: nothing left behind
+    assert all(m.handoff is None for m in fused.modules() if isinstance(m, FusedRMSNorm))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
 
 
 @needs_triton

@@ -37,6 +37,8 @@ def _train(patched: bool):
             ops = multi_tensor.foreach_multi_tensor_ops if patched else contextlib.nullcontext
             _, (ok, grad_norm, _) = megatron_train_step(model, optimizer, tokens[step], ops)
             assert ok
+            # patched: the norm stays on the device (megatron's tensor path, no .item() before the step)
+            assert isinstance(grad_norm, torch.Tensor) is patched
             assert getattr(optimizer.chained_optimizers[0].optimizer, "grad_scale", None) is None
             norms.append(float(grad_norm))
         inner = optimizer.chained_optimizers[0]

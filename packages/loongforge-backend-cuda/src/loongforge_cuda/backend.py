@@ -49,7 +49,8 @@ class CudaBackend(Backend):
         from loongforge_cuda.modules import apply_kernels
 
         attention = MeasuredSDPAttention.with_kernels({"triton": self.kernel("flash_attention")})
-        spec = local_sdpa_spec(config, core_attention=attention)
+        # a block spec (where the pipeline split allows) so that the final norm is fused too
+        spec = local_sdpa_spec(config, core_attention=attention, prefer_block="rmsnorm" in self.kernels)
         ops = ("rmsnorm", "add_rmsnorm", "swiglu", "qkv_rope")
         return apply_kernels(spec, {op: self.kernel(op) for op in ops if op in self.kernels})
 
@@ -76,11 +77,17 @@ class CudaBackend(Backend):
             yield self
 
     def after_data_parallel(self, modules: list) -> None:
-        """Weight-gradient GEMMs accumulate straight into DDP's ``main_grad`` (see
-        :mod:`loongforge_cuda.wgrad`)."""
+        """Weight-gradient GEMMs and the embedding / LM-head weight gradients accumulate straight
+        into DDP's ``main_grad`` (see :mod:`loongforge_cuda.wgrad`,
+        :mod:`loongforge_cuda.embedding_grad`); each layer's MLP residual add runs fused with the
+        norm after it (:mod:`loongforge_cuda.residual_norm`)."""
+        from loongforge_cuda.embedding_grad import fuse_embedding_grad_accumulation
+        from loongforge_cuda.residual_norm import link_residual_norms
         from loongforge_cuda.wgrad import fuse_wgrad_accumulation
 
         fuse_wgrad_accumulation(modules)
+        fuse_embedding_grad_accumulation(modules)
+        link_residual_norms(modules)
 
     def manual_seed(self, seed: int) -> None:
         from megatron.core import tensor_parallel

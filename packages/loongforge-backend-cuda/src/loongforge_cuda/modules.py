@@ -30,7 +30,14 @@ import torch.nn.functional as F
 
 
 class FusedRMSNorm(torch.nn.Module):
-    """RMSNorm over the last dim through ``rms_norm(x, weight, eps)`` (a registered kernel)."""
+    """RMSNorm over the last dim through ``rms_norm(x, weight, eps)`` (a registered kernel).
+
+    The layer before may already have normalised ``x`` with this norm's weight, fused with the
+    residual add that produced ``x`` (:mod:`loongforge_cuda.residual_norm`): it leaves the result
+    in ``handoff`` (:meth:`hand_over`) and the next call with that very tensor, unchanged since and
+    with the weight unchanged, returns it."""
+
+    handoff: tuple | None = None
 
     def __init__(self, hidden_size: int, eps: float, rms_norm):
         super().__init__()
@@ -38,7 +45,13 @@ class FusedRMSNorm(torch.nn.Module):
         self.eps = eps
         self.rms_norm = rms_norm
 
+    def hand_over(self, x, normed) -> None:
+        self.handoff = (x, x._version, self.weight._version, normed)
+
     def forward(self, x):
+        handoff, self.handoff = self.handoff, None
+        if handoff is not None and handoff[0] is x and handoff[1:3] == (x._version, self.weight._version):
+            return handoff[3]
         return self.rms_norm(x, self.weight, self.eps)
 
 
@@ -218,7 +231,9 @@ def fused_ce_output_processor(ce, chunk_size: int | None = None):
     """A ``GPTModel.forward(output_processor=...)`` computing the per-token loss ``[b, s]`` with
     ``ce(hidden, weight, labels, reduction="none", chunk_size=...)`` (tp=1, no MuP, labels given);
     anything else goes through megatron's output layer and loss (``chunk_size`` None: the kernel's
-    default)."""
+    default). With :mod:`loongforge_cuda.embedding_grad`'s fusion on for the weight, its gradient
+    goes straight into DDP's ``main_grad``."""
+    from loongforge_cuda.embedding_grad import lm_head_weight_and_grad_into
 
     def processor(*, hidden_states, output_layer, output_weight, labels, runtime_gather_output=None,
                   compute_language_model_loss, scale_logits, config, vocab_size=None, **_):
@@ -232,8 +247,9 @@ def fused_ce_output_processor(ce, chunk_size: int | None = None):
                 return logits.transpose(0, 1).contiguous()
             return compute_language_model_loss(labels, logits)
         weight = output_weight if output_weight is not None else output_layer.weight
-        weight = weight if vocab_size is None else weight[:vocab_size]  # padded rows stay out of the softmax
-        loss = ce(hidden_states, weight, labels.t(), reduction="none", chunk_size=chunk_size)  # [s, b]
+        # the first vocab_size rows; with DDP and the fusion on, the gradient goes into main_grad
+        weight, into = lm_head_weight_and_grad_into(weight, vocab_size)
+        loss = ce(hidden_states, weight, labels.t(), reduction="none", chunk_size=chunk_size, **into)  # [s, b]
         return loss.t()
 
     return processor

@@ -26,7 +26,22 @@ def local_sdpa_layer_spec(qk_layernorm: bool = False, core_attention: type = SDP
     return dataclasses.replace(spec, submodules=layer_sub)
 
 
-def local_sdpa_spec(config, qk_layernorm: bool | None = None, core_attention: type = SDPAttention) -> ModuleSpec:
+def _uneven_split(config) -> str | None:
+    """Why a block spec (a fixed number of layers per model chunk) cannot hold ``config``'s
+    pipeline split, or None."""
+    uneven = [f for f in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                          "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                          "account_for_loss_in_pipeline_split") if getattr(config, f, None)]
+    if uneven:
+        return f"TransformerConfig sets {', '.join(uneven)}"
+    stages = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+    if config.num_layers % stages:
+        return f"num_layers={config.num_layers} is not divisible by pp x vpp = {stages}"
+    return None
+
+
+def local_sdpa_spec(config, qk_layernorm: bool | None = None, core_attention: type = SDPAttention,
+                    prefer_block: bool = False) -> ModuleSpec:
     """The spec ``GPTModel(transformer_layer_spec=...)`` takes for ``config``.
 
     Without sequence parallelism: :func:`local_sdpa_layer_spec`. With it, a ``TransformerBlock``
@@ -35,21 +50,18 @@ def local_sdpa_spec(config, qk_layernorm: bool | None = None, core_attention: ty
     Apex or Transformer Engine) refuses sequence parallelism. A block spec fixes the number of
     layers per model chunk, so it needs the even pipeline split ``parallel.validate_layout``
     enforces (``num_layers`` divisible by pp x vpp, no first/last-stage overrides).
+    ``prefer_block``: the block spec also without sequence parallelism where the split allows it
+    (a backend then swaps the final norm like the layers' norms).
     """
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     qk = bool(getattr(config, "qk_layernorm", False)) if qk_layernorm is None else qk_layernorm
     layer = local_sdpa_layer_spec(qk_layernorm=qk, core_attention=core_attention)
-    if not getattr(config, "sequence_parallel", False):
+    uneven = _uneven_split(config)
+    if not getattr(config, "sequence_parallel", False) and not (prefer_block and uneven is None):
         return layer
-    uneven = [f for f in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
-                          "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
-                          "account_for_loss_in_pipeline_split") if getattr(config, f, None)]
     if uneven:
-        raise ValueError(f"sequence parallelism on the local spec needs an even pipeline split; "
-                         f"TransformerConfig sets {', '.join(uneven)}")
+        raise ValueError(f"sequence parallelism on the local spec needs an even pipeline split; {uneven}")
     stages = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
-    if config.num_layers % stages:
-        raise ValueError(f"num_layers={config.num_layers} is not divisible by pp x vpp = {stages}")
     block = TransformerBlockSubmodules(layer_specs=[layer] * (config.num_layers // stages), layer_norm=LocalNorm)
     return ModuleSpec(module=TransformerBlock, submodules=block)

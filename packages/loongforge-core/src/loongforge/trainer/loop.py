@@ -134,8 +134,9 @@ class Trainer:
         output = model(**inputs)
         return output, functools.partial(masked_token_loss, batch["loss_mask"])
 
-    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> tuple[float, float]:
-        """Forward (and backward) over ``microbatches``; returns (summed loss, tokens) over the world."""
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> torch.Tensor:
+        """Forward (and backward) over ``microbatches``; returns [summed loss, tokens] over the world,
+        on the device (read it after the optimizer step is queued: reading syncs with the GPU)."""
         iters = [iter(microbatches) for _ in self.model]
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -152,7 +153,7 @@ class Trainer:
             totals += torch.stack([item["loss_sum"].double(), item["tokens"].double()])
         # every model-parallel copy of a data-parallel replica adds the same numbers to both sums
         dist.all_reduce(totals)
-        return totals[0].item(), totals[1].item()
+        return totals
 
     def _next_global_batch(self) -> list[dict]:
         batches = [next(self.train_batches) for _ in range(self.layout.num_microbatches)]
@@ -163,11 +164,13 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_sum, tokens = self._run_schedule(self._next_global_batch(), forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        totals = self._run_schedule(self._next_global_batch(), forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()  # grad_norm: a float, a device tensor or None
         self.step += 1
         self.scheduler.step(increment=1)
-        return {"loss": loss_sum / max(tokens, 1), "grad_norm": float(grad_norm or 0.0), "skipped": float(not ok)}
+        loss_sum, tokens = totals.tolist()
+        return {"loss": loss_sum / max(tokens, 1), "grad_norm": 0.0 if grad_norm is None else float(grad_norm),
+                "skipped": float(not ok)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -177,7 +180,7 @@ class Trainer:
         loss_sum = tokens = 0.0
         for _ in range(self.cfg.train.eval_steps):
             mbs = [next(batches) for _ in range(self.layout.num_microbatches)]
-            s, t = self._run_schedule(mbs, forward_only=True)
+            s, t = self._run_schedule(mbs, forward_only=True).tolist()
             loss_sum, tokens = loss_sum + s, tokens + t
         for chunk in self.model:
             chunk.train()
