@@ -120,7 +120,10 @@ def _contributions(pieces, table, head):
             ids, grad = rest
             rows = grad.reshape(-1, grad.shape[-1]).float()
             for into in (in_order[id(table)], table_only):
-                into.index_put_((ids.reshape(-1),), rows, accumulate=True)
+                if into.is_cuda:  # sorted: deterministic
+                    into.index_put_((ids.reshape(-1),), rows, accumulate=True)
+                else:  # index_put_ adds with parallel atomics on the CPU
+                    into.index_add_(0, ids.reshape(-1), rows)
     return in_order[id(table)], in_order[id(head)], table_only, head_only
 
 

@@ -36,6 +36,15 @@ def _ready_dummy(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight)  # uninitialised and stolen by AccumulateGrad: no pass over [V, H]
 
 
+def add_rows(main_grad: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """``main_grad[ids[i]] += rows[i]``, deterministically: on CUDA ``index_put_`` (sorted), on
+    the CPU ``index_add_`` (``index_put_`` there adds with parallel atomics)."""
+    if main_grad.is_cuda:
+        main_grad.index_put_((ids,), rows, accumulate=True)
+    else:
+        main_grad.index_add_(0, ids, rows)
+
+
 class _EmbeddingIntoMainGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, gives_ready):
@@ -48,8 +57,7 @@ class _EmbeddingIntoMainGrad(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         weight = ctx.weight
         main_grad = weight.main_grad
-        rows = grad.reshape(-1, main_grad.shape[1]).to(main_grad.dtype)
-        main_grad.index_put_((ids.reshape(-1),), rows, accumulate=True)
+        add_rows(main_grad, ids.reshape(-1), grad.reshape(-1, main_grad.shape[1]).to(main_grad.dtype))
         return None, (_ready_dummy(weight) if ctx.gives_ready else None), None
 
 
