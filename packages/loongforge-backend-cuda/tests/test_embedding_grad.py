@@ -42,10 +42,12 @@ def _gpt(tied: bool, overlap: bool):
     return DistributedDataParallel(config, ddp_config, Float16Module(config, model)), model
 
 
-def train(fused: bool, tied: bool, overlap: bool, monkeypatch, world, real_vocab: int | None = None):
+def train(fused: bool, tied: bool, overlap: bool, monkeypatch, world, real_vocab: int | None = None,
+          fused_head: bool = True):
     """``STEPS`` Adam steps of ``MICRO_BATCHES`` micro-batches each, inside ``world()`` (a
     megatron world of one rank, seeded), on tokens below ``real_vocab`` (the loss over as many
-    output rows, as ``PositionIdsGPTModel`` passes it; None: all). Returns the per-step losses,
+    output rows, as ``PositionIdsGPTModel`` passes it; None: all); ``fused_head`` False: megatron's
+    own output layer and loss instead of the fused loss. Returns the per-step losses,
     the first step's ``main_grad``s and, when fused, that step's embedding / LM-head contributions
     recomputed apart (the LM head's by the same kernel into a zero buffer, the embedding's rows
     scattered from the gradient of its output) and summed in the order ``main_grad`` receives them."""
@@ -73,7 +75,7 @@ def train(fused: bool, tied: bool, overlap: bool, monkeypatch, world, real_vocab
             assert getattr(head, LM_HEAD_ATTR) and table.embedding_grad_gives_ready is not tied
         table.register_forward_hook(on_embedding)
         optimizer = megatron_adam(ddp, lr=1e-2, clip_grad=1.0)
-        processor = functools.partial(fused_ce_output_processor(ce), vocab_size=real_vocab)
+        processor = functools.partial(fused_ce_output_processor(ce), vocab_size=real_vocab) if fused_head else None
         tokens = torch.randint(0, real_vocab or VOCAB, (STEPS, MICRO_BATCHES, BATCH, SEQ + 1),
                                generator=torch.Generator().manual_seed(3))
         device = table.weight.device
@@ -91,12 +93,12 @@ def train(fused: bool, tied: bool, overlap: bool, monkeypatch, world, real_vocab
                 loss.backward()
                 step_loss += loss.item()
                 assert all(p.grad is None for p in ddp.parameters())  # DDP's hook took every grad
-                if fused:
+                if fused and fused_head:
                     assert table.weight.grad_added_to_main_grad and head.grad_added_to_main_grad
             ddp.finish_grad_sync()  # with overlap, asserts every parameter was marked ready
             if step == 0:
                 main_grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
-                if fused:
+                if fused and fused_head:
                     expected = _contributions(pieces, table.weight, head)
             losses.append(step_loss)
             ok, _, _ = optimizer.step()
@@ -161,6 +163,23 @@ def check_against_unfused(tied, overlap, monkeypatch, world, real_vocab=None, ex
 def test_embedding_and_lm_head_grads_into_main_grad(tied, overlap, real_vocab, monkeypatch):
     monkeypatch.setenv("LOONGFORGE_KERNELS_IMPL", "triton")
     check_against_unfused(tied, overlap, monkeypatch, lambda: single_process_megatron(seed=5), real_vocab)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tied_embedding_with_megatron_output_layer(overlap, monkeypatch):
+    """The fused embedding next to megatron's own (unfused) LM head, e.g. with the fused loss
+    disabled: the head's real gradient still reaches ``main_grad`` through DDP's hook."""
+    world = lambda: single_process_megatron(seed=5)  # noqa: E731
+    ref_losses, ref_grads, _ = train(False, True, overlap, monkeypatch, world, fused_head=False)
+    losses, grads, _ = train(True, True, overlap, monkeypatch, world, fused_head=False)
+    name = "embedding.word_embeddings.weight"
+    for n, ref in ref_grads.items():
+        if n == name:  # the embedding's part stays fp32 here, the head's is bf16 on both
+            torch.testing.assert_close(grads[n], ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        else:
+            assert torch.equal(grads[n], ref), n
+    assert losses[0] == ref_losses[0]
+    assert losses == pytest.approx(ref_losses, rel=2e-3)
 
 
 def test_without_ddp_nothing_is_switched():

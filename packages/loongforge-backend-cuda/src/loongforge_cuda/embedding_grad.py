@@ -129,8 +129,9 @@ def fuse_embedding_grad_accumulation(modules) -> int:
         if getattr(w, "zero_out_wgrad", False):
             if not shared:  # some other use of the weight that expects zero dummies: leave it
                 continue
-            # megatron makes a tied LM head's dummy zeros (and DDP add it) because its embedding
-            # returns a real gradient; this one returns none, so the add would only cost a pass
+            # megatron sets it on tied weights so that DDP adds the LM head's zero dummy to the
+            # embedding's real gradient; here the embedding returns none, and DDP must skip the
+            # LM head's uninitialised dummy
             w.zero_out_wgrad = False
         m.embedding_grad_gives_ready = not shared  # tied: the LM head gives it
         m.forward = types.MethodType(_embedding_forward, m)
