@@ -12,7 +12,8 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   megatron-core DDP (fp32 gradient buffer, as the trainer) and optimizer (fp32 master weights,
   torch's fused AdamW, torch foreach ops for its multi-tensor fallbacks). Options:
   ``nokernels`` (no fused kernels: the plain local spec with torch's SDPA choice),
-  ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gradbf16`` (bf16 gradient buffer instead of
+  ``disable=a+b`` (``kernels.disable``), ``mbs=N``, ``gas=N`` (N micro-batches per optimizer step,
+  gradients accumulated in the fp32 buffer: tokens per step = N x mbs x seq), ``gradbf16`` (bf16 gradient buffer instead of
   the trainer's fp32 one),
   ``nowgradfusion`` (weight gradients added to the fp32 buffer by DDP's hook instead of by the GEMM),
   ``distopt`` (megatron's distributed optimizer on one rank), ``torchadam`` (torch's fused AdamW and
@@ -39,6 +40,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -299,26 +301,31 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         multi_tensor_ops = contextlib.nullcontext if opts.get("mcore_ops") else foreach_multi_tensor_ops
         vocab = provider.args.vocab_size
 
+        accumulate = int(opts.get("gas", 1))
+
         def step():
-            tokens = torch.randint(0, vocab, (mbs, seq + 1), device=args.device)
             model.zero_grad_buffer()
             optimizer.zero_grad()
-            # the fused LM-head loss, when on, is the model's own output_processor (provider.build)
-            per_token = model(tokens[:, :-1], None, None, labels=tokens[:, 1:])
-            loss = per_token.float().mean()
-            loss.backward()
+            total = 0.0
+            for _ in range(accumulate):  # micro-batches summed into the fp32 gradient buffer
+                tokens = torch.randint(0, vocab, (mbs, seq + 1), device=args.device)
+                # the fused LM-head loss, when on, is the model's own output_processor (provider.build)
+                per_token = model(tokens[:, :-1], None, None, labels=tokens[:, 1:])
+                loss = per_token.float().mean() / accumulate
+                loss.backward()
+                total = total + loss.detach()
             model.finish_grad_sync()
             mid = clock.mark()
             with multi_tensor_ops():
                 ok, _, _ = optimizer.step()
             assert ok, "optimizer step skipped"
-            return loss.detach(), mid
+            return total, mid
 
         clock = Clock(cuda)
         result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
         result["sdpa"] = {str(k[0]): (str(v), {str(c): t for c, t in (MeasuredSDPAttention.reports.get(k) or {}).items()})
                           for k, v in MeasuredSDPAttention.choices.items()}
-    result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    result.update(tokens=accumulate * mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
     return result
 
 
@@ -410,6 +417,9 @@ def main() -> None:
     for r in results:
         if "error" in r:
             print(f"{r['row']:32} FAILED: {r['error']}")
+            continue
+        if not all(math.isfinite(x) for x in r["loss"]):  # NaN/inf data also run GEMMs faster (less power)
+            print(f"{r['row']:32} INVALID: non-finite loss {r['loss']} (timings not comparable)")
             continue
         fb = f"{r['fwdbwd_ms']:.1f}" if r.get("fwdbwd_ms") else "-"
         print(f"{r['row']:32} {r['mbs']:>3} {r['ms']:>9.1f} {fb:>8} {r['tok_s']:>9,.0f} {r['tflops']:>8.1f} "
