@@ -38,6 +38,8 @@ def _gpt(tied: bool, overlap: bool):
                                attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True)
     model = GPTModel(config, local_sdpa_spec(config), vocab_size=VOCAB, max_sequence_length=SEQ,
                      share_embeddings_and_output_weights=tied)
+    if torch.cuda.is_available():  # the GPU test's NCCL world: every parameter on the device
+        model = model.cuda()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap)
     return DistributedDataParallel(config, ddp_config, Float16Module(config, model)), model
 

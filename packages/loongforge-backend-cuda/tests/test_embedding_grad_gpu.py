@@ -74,7 +74,7 @@ def test_embedding_grad_into_main_grad_is_deterministic_and_exact(cuda_mcore):
     weight = torch.nn.Parameter(torch.randn(V, H, device="cuda").to(torch.bfloat16))
     prev = torch.randn(V, H, device="cuda") * 1e-2
     ids = _ids(TOKENS, 0)
-    assert ids.unique().numel() < TOKENS // 2  # plenty of repeated rows
+    assert ids.bincount().max() > 500  # rows repeated hundreds of times (the low ids)
     grad = torch.randn(TOKENS, H, device="cuda").to(torch.bfloat16)
 
     def run():
