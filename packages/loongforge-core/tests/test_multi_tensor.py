@@ -64,6 +64,6 @@ def test_foreach_ops_and_fused_adam_match_megatron_fallbacks():
     for ours, ref in zip(params, ref_params, strict=True):
         # bf16 parameters copied from fp32 masters that agree to ~1e-7: at most one bf16 ulp apart
         assert torch.allclose(ours, ref, rtol=2**-7, atol=1e-6)
-    moved = sum((p - q).abs().sum() for p, q in zip(params, ref_params))
+    moved = sum((p - q).abs().sum() for p, q in zip(params, ref_params, strict=True))
     total = sum(p.abs().sum() for p in params)
     assert moved / total < 1e-3

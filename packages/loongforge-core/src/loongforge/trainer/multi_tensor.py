@@ -51,7 +51,7 @@ def scale(_chunk_size, _noop_flag, tensor_lists, factor):
         return
     if isinstance(factor, torch.Tensor):
         factor = factor.reshape(())  # torch's foreach ops take 0-dim scalar tensors
-    if src is dst or all(s is d for s, d in zip(src, dst)):
+    if src is dst or all(s is d for s, d in zip(src, dst, strict=True)):
         torch._foreach_mul_(dst, factor)
     elif isinstance(factor, float) and factor == 1.0:
         torch._foreach_copy_(dst, src)
