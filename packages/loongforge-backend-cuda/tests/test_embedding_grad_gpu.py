@@ -21,28 +21,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 V, H, TOKENS = 128256, 2048, 8 * 2048
 
 
-@pytest.fixture(scope="module")
-def cuda_mcore():
-    """megatron-core's parallel state in one NCCL process."""
-    import torch.distributed as dist
-    from loongforge.testing import free_port
-    from megatron.core import parallel_state
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MASTER_ADDR", "127.0.0.1")
-        mp.setenv("MASTER_PORT", str(free_port()))
-        mp.setenv("LOONGFORGE_KERNELS_IMPL", "auto")  # CUDA tensors -> Triton
-        mp.setenv("LOONGFORGE_SDPA_BACKEND", "math")
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", rank=0, world_size=1)
-        try:
-            parallel_state.initialize_model_parallel(1, 1)
-            yield
-            parallel_state.destroy_model_parallel()
-        finally:
-            dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def _seeded():
     from loongforge_cuda.backend import CudaBackend

@@ -18,39 +18,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 NAME, SEQ, BATCH = "qwen3/qwen3_tiny", 128, 2
 
 
-@pytest.fixture(scope="module")
-def cuda_mcore(monkeypatch_module):
-    """megatron-core's parallel state in one NCCL process; exact fp32 matmuls (TF32 off), torch's
-    math SDPA everywhere."""
-    import torch.distributed as dist
-    from loongforge.testing import free_port
-    from megatron.core import parallel_state
-
-    monkeypatch_module.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch_module.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch_module.setenv("LOONGFORGE_KERNELS_IMPL", "auto")  # CUDA tensors -> Triton
-    # one attention kernel for every model compared, whatever the timings
-    monkeypatch_module.setenv("LOONGFORGE_SDPA_BACKEND", "math")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        CountingBackend().manual_seed(1)
-        yield
-        parallel_state.destroy_model_parallel()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
 def test_gpu_fp32_fused_equals_separate(cuda_mcore):
     _, _, calls_on, calls_off, errs, config = _compare(NAME, seq=SEQ, batch=BATCH, device="cuda")
     _assert_fused(calls_on, calls_off, config.num_layers)
