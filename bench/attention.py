@@ -10,9 +10,9 @@ backward 2.5 x forward (five matmuls, one of them recomputing the scores).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
-
 from loongforge_cuda.attention import CANDIDATES, sdpa
 from loongforge_kernels.flash_attention import flash_attention_triton
 
@@ -44,10 +44,10 @@ def main() -> None:
         grad = torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
         for backend, repeat in [*CANDIDATES, ("triton", False)]:
             name = backend + (" (repeat kv)" if repeat else "")
-            run = lambda: sdpa(q, k, v, None, True, d**-0.5, 0.0, backend, repeat, kernels)  # noqa: E731
+            run = functools.partial(sdpa, q, k, v, None, True, d**-0.5, 0.0, backend, repeat, kernels)
             try:
-                fwd = timed(lambda: run(), args.reps)
-                both = timed(lambda: run().backward(grad), args.reps)
+                fwd = timed(run, args.reps)
+                both = timed(lambda run=run, grad=grad: run().backward(grad), args.reps)
             except RuntimeError as exc:
                 print(f"{str((b, h, h_kv, s, d)):22} {name:18} unsupported: {str(exc).splitlines()[0][:60]}")
                 continue

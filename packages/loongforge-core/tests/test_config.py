@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from loongforge.config import ConfigError, compose_config
 from loongforge.plugins import create_plugin_manager
 

@@ -6,7 +6,6 @@ import inspect
 
 import pluggy
 import pytest
-
 from loongforge import API_VERSION, hookimpl, hookspecs
 from loongforge.plugins import RegistryError, create_plugin_manager, lookup
 from loongforge.registry import ModelFamily

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from loongforge.testing import run_cli
 
 RUN_YAML = """\

@@ -29,7 +29,7 @@ def test_flash_attention_matches_reference(kt, causal, dtype, heads):
     out, grads, dy = kt.fwd_bwd(lambda *t: flash_attention_triton(*t, causal=causal), [q, k, v])
     ref, ref_grads, _ = kt.fwd_bwd(lambda *t: flash_attention_reference(*t, causal=causal), [q, k, v], dy)
     kt.parity(out, ref, dtype, "out")
-    for name, got, want in zip("qkv", grads, ref_grads):
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
         kt.parity(got, want, dtype, f"d{name}")
 
 

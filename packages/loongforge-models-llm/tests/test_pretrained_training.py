@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 import yaml
-
 from loongforge.testing import run_cli
 
 

@@ -148,7 +148,7 @@ def test_padded_vocab_rows_stay_out_of_the_loss(mcore, load_size):
     padded = build(p, mcore, RunSettings(make_vocab_size_divisible_by=128))
     assert padded.real_vocab_size == 300 and exact.real_vocab_size is None
     with torch.no_grad():
-        for (name, ours), (_, theirs) in zip(padded.named_parameters(), exact.named_parameters()):
+        for (name, ours), (_, theirs) in zip(padded.named_parameters(), exact.named_parameters(), strict=True):
             ours.zero_()[: theirs.shape[0]].copy_(theirs) if "embedding" in name or "output_layer" in name \
                 else ours.copy_(theirs)
     ids = torch.randint(0, 300, (2, 16))

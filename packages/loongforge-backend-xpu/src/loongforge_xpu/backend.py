@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from loongforge.backend import Backend
 
 

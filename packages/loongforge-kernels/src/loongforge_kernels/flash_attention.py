@@ -68,8 +68,12 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from ._triton.flash_attention import (LOG2E, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel,
-                                              attn_bwd_dq_kernel)
+        from ._triton.flash_attention import (
+            LOG2E,
+            attn_bwd_delta_kernel,
+            attn_bwd_dkdv_kernel,
+            attn_bwd_dq_kernel,
+        )
 
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:

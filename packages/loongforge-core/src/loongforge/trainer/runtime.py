@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from loongforge.backend import Backend
 from loongforge.parallel import validate_layout
-from loongforge.trainer.multi_tensor import foreach_multi_tensor_ops
 from loongforge.registry import load_object
+from loongforge.trainer.multi_tensor import foreach_multi_tensor_ops
 
 
 @dataclass
