@@ -1,5 +1,6 @@
-"""Causal attention kernels side by side on one GPU: torch SDPA (cuDNN, flash, memory-efficient)
-and our Triton flash attention, forward and forward+backward, on megatron's [S, B, H, D] layout.
+"""Causal attention kernels side by side on one GPU: torch SDPA (cuDNN, flash, memory-efficient),
+our Triton flash attention and each installed Dao-AILab flash-attention, forward and
+forward+backward, on megatron's [S, B, H, D] layout.
 
     PYTHONPATH=$(ls -d packages/*/src | tr '\\n' :) python bench/attention.py
 
@@ -13,6 +14,7 @@ import argparse
 import functools
 
 import torch
+from loongforge_cuda import flash_attn
 from loongforge_cuda.attention import CANDIDATES, sdpa
 from loongforge_kernels.flash_attention import flash_attention_triton
 
@@ -35,14 +37,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
-    kernels = {"triton": flash_attention_triton}
+    kernels = {"triton": flash_attention_triton} | {
+        name: functools.partial(flash_attn.flash_attn_attention, name) for name in flash_attn.installed()}
     print(f"{'B,H,Hkv,S,D':22} {'kernel':18} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
     for b, h, h_kv, s, d in SHAPES:
         flops = 2 * b * h * s * s * d
         q, k, v = (torch.randn(s, b, n, d, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3).requires_grad_()
                    for n in (h, h_kv, h_kv))
         grad = torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
-        for backend, repeat in [*CANDIDATES, ("triton", False)]:
+        for backend, repeat in [*CANDIDATES, *((name, False) for name in kernels)]:
             name = backend + (" (repeat kv)" if repeat else "")
             run = functools.partial(sdpa, q, k, v, None, True, d**-0.5, 0.0, backend, repeat, kernels)
             try:

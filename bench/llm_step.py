@@ -20,7 +20,7 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   megatron's master -> bf16 copies instead of the multi-tensor ``adamw_step`` kernel), ``foreach``
   (torch's foreach AdamW instead of a fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
   clipping and master -> parameter copy instead of torch's foreach ops),
-  ``sdpa=cudnn|flash|efficient`` (force one SDPA kernel), ``compile``
+  ``sdpa=cudnn|flash|efficient|triton|flash_attn4|...`` (force one attention kernel), ``compile``
   (``torch.compile`` each transformer layer).
 - ``torchtitan``: torchtitan 0.2.2's own Llama ``Transformer`` (its default training precision:
   fp32 parameters and AdamW states, bf16 autocast), fused AdamW; options in bench/torchtitan_row.py
@@ -252,6 +252,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
     from loongforge.trainer.optim import use_fused_adam
     from loongforge_cuda.attention import ENV_FORCE, MeasuredSDPAttention
     from loongforge_cuda.backend import CudaBackend
+    from loongforge_cuda.plugin import loongforge_register_kernels
     from loongforge_kernels.plugin import KERNELS
     from loongforge_llm.provider import LLMProvider
     from megatron.core import tensor_parallel
@@ -268,7 +269,7 @@ def row_ours(section: dict, args, opts: dict) -> dict:
     nokernels = bool(opts.get("nokernels"))
     if not nokernels:
         disable = [d for d in str(opts.get("disable", "")).split("+") if d]
-        backend.configure_kernels(KERNELS, disable)
+        backend.configure_kernels([*KERNELS, *loongforge_register_kernels()], disable)
     provider = LLMProvider(section)
     run = RunSettings(bf16=True, seq_length=seq)
     cuda = args.device == "cuda"

@@ -1,6 +1,6 @@
 """The CUDA backend: one GPU per process, NCCL collectives, megatron-core's CUDA RNG tracker, and
-the fast layer: attention with the kernel measured fastest per shape (torch's SDPA kernels and
-our Triton flash attention), plus the registered fused kernels
+the fast layer: attention with the kernel measured fastest per shape (torch's SDPA kernels, our
+Triton flash attention and Dao-AILab flash-attention where installed), plus the registered fused kernels
 (RMSNorm, SwiGLU, RoPE, fused-QKV RoPE / QK-norm + RoPE, LM-head cross-entropy) minus ``kernels.disable``, and
 weight-gradient GEMMs that accumulate into DDP's fp32 ``main_grad``."""
 
@@ -46,9 +46,11 @@ class CudaBackend(Backend):
         from loongforge.modules.layer_spec import local_sdpa_spec
 
         from loongforge_cuda.attention import MeasuredSDPAttention
+        from loongforge_cuda.flash_attn import MODULES as FLASH_ATTN
         from loongforge_cuda.modules import apply_kernels
 
-        attention = MeasuredSDPAttention.with_kernels({"triton": self.kernel("flash_attention")})
+        candidates = {"triton": self.kernel("flash_attention")} | {name: self.kernel(name) for name in FLASH_ATTN}
+        attention = MeasuredSDPAttention.with_kernels(candidates)
         # a block spec (where the pipeline split allows) so that the final norm is fused too
         spec = local_sdpa_spec(config, core_attention=attention, prefer_block="rmsnorm" in self.kernels)
         ops = ("rmsnorm", "add_rmsnorm", "swiglu", "qkv_rope")
