@@ -75,6 +75,15 @@ def test_adapter_turns_input_errors_into_runtime_errors(monkeypatch):
         flash_attn.flash_attn2(q.float(), q.float(), q.float())
 
 
+def test_adapter_reports_an_installed_but_broken_library(monkeypatch):
+    def broken(name):
+        raise ImportError("libcuda_dialect.so: cannot open shared object file")
+
+    monkeypatch.setattr(flash_attn, "_flash_attn_func", broken)
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="flash_attn4 does not import: libcuda_dialect"):
+        flash_attn.flash_attn4(q, q, q)
+
 def _attention_classes(spec):
     """Every MeasuredSDPAttention subclass a layer spec builds."""
     if isinstance(spec, type):

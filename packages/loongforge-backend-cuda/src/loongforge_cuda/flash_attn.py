@@ -21,7 +21,7 @@ import torch.nn.functional as F
 MODULES = {
     "flash_attn4": "flash_attn.cute",
     "flash_attn3": "flash_attn_interface",
-    "flash_attn2": "flash_attn",
+    "flash_attn2": "flash_attn.flash_attn_interface",  # not plain flash_attn: FA4 makes that a namespace
 }
 
 
@@ -49,8 +49,11 @@ def flash_attn_attention(name: str, q, k, v, causal: bool = True, scale: float |
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError(f"{name}: takes fp16/bf16, got {q.dtype}")
     try:
-        out = _flash_attn_func(name)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                     softmax_scale=scale, causal=causal)
+        func = _flash_attn_func(name)
+    except ImportError as exc:  # installed but broken (a missing dependency): skipped, with the reason
+        raise RuntimeError(f"{name} does not import: {exc}") from exc
+    try:
+        out = func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
     except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:  # the libraries' input checks
         raise RuntimeError(f"{name}: {exc}") from exc
     out = out[0] if isinstance(out, tuple) else out  # FA4 and some FA3 builds also return the LSE
