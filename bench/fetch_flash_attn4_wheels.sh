@@ -8,8 +8,10 @@
 #
 # On the GPU machine, two calls while it stays warm:
 #   1. carry .whl/fa4a:  mkdir -p /tmp/fa4 && cp .whl/fa4a/* /tmp/fa4/
-#   2. carry .whl/fa4b:  cp .whl/fa4b/* /tmp/fa4/ && cat /tmp/fa4/cu13.part.* > /tmp/fa4/$CU13 && \
+#   2. carry .whl/fa4b:  cp .whl/fa4b/* /tmp/fa4/ && cat /tmp/fa4/cu13.part.* > /tmp/fa4/$CU13 && rm /tmp/fa4/cu13.part.* && \
 #        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/fa4/*.whl
+#      then also put /tmp/site/nvidia_cutlass_dsl/dsl_packages on PYTHONPATH: nvidia-cutlass-dsl adds
+#      it with a .pth file, which Python reads only in site directories, not in a --target folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
