@@ -265,6 +265,8 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         os.environ[ENV_FORCE] = opts["sdpa"]
     else:
         os.environ.pop(ENV_FORCE, None)
+    MeasuredSDPAttention.choices.clear()  # each row times its own candidates; its report shows only its shapes
+    MeasuredSDPAttention.reports.clear()
     backend = CudaBackend()
     nokernels = bool(opts.get("nokernels"))
     if not nokernels:
