@@ -84,6 +84,7 @@ def test_adapter_reports_an_installed_but_broken_library(monkeypatch):
     with pytest.raises(RuntimeError, match="flash_attn4 does not import: libcuda_dialect"):
         flash_attn.flash_attn4(q, q, q)
 
+
 def _attention_classes(spec):
     """Every MeasuredSDPAttention subclass a layer spec builds."""
     if isinstance(spec, type):

@@ -2,9 +2,9 @@
 
 Three generations ship under different module names: FA4 ``flash_attn.cute`` (CuTe DSL kernels,
 compiled on first use, Hopper and Blackwell), FA3 ``flash_attn_interface`` (the Hopper build) and
-FA2 ``flash_attn``. Each installed one is registered as a kernel (``kernels.disable`` can name it)
-and joins the CUDA backend's per-shape timing (:class:`loongforge_cuda.attention.MeasuredSDPAttention`),
-so it runs only where it measured fastest. All take [b, s, h, d] and grouped KV heads natively;
+FA2 ``flash_attn.flash_attn_interface``. Each installed one is registered as a kernel
+(``kernels.disable`` can name it) and joins the CUDA backend's per-shape timing
+(:class:`loongforge_cuda.attention.MeasuredSDPAttention`), so it runs only where it measured fastest. All take [b, s, h, d] and grouped KV heads natively;
 the candidates here take the [b, h, s, d] views our attention passes and return one.
 """
 
