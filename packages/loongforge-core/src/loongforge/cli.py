@@ -157,7 +157,10 @@ def cmd_convert(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from loongforge import __version__
+
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
+    parser.add_argument("--version", action="version", version=f"loongforge-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):
