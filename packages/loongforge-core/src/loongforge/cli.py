@@ -103,7 +103,10 @@ def cmd_run(args, launch: list[str]) -> int:
     _report_failures(plugins)
     cfg = _compose(args)
     task = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
-    load_object(task.run)(cfg, plugins)
+    from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
+
+    with quiet_console(cfg.output_dir):
+        load_object(task.run)(cfg, plugins)
     return 0
 
 
