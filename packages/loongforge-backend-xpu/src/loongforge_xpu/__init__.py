@@ -1,4 +1,4 @@
-"""Intel XPU backend for LoongForge."""
+"""Kunlun (Kunlunxin) XPU backend for LoongForge."""
 
 from importlib.metadata import version as _version
 
