@@ -1,7 +1,8 @@
 """Release one package, or check that packages install and work from their wheels.
 
     python3 scripts/release.py loongforge-core --bump minor      # or --version 0.2.0
-    python3 scripts/release.py --check all                      # CI: every package, no bump
+    python3 scripts/release.py --check all                      # CI: every package, no bump,
+                                                                # and loongforge[all] from the wheels
 
 A release: bump the package's version in its pyproject.toml and ``uv.lock`` (``uv version``),
 move its CHANGELOG's "Unreleased" entries under the new version, build its wheel with
@@ -93,11 +94,7 @@ def check(name: str, wheels: dict[str, Path], work: Path, latest: bool) -> float
     python = venv / "bin" / "python"
     install = ["pip", "install", "-q", "--python", str(python), *(str(wheels[d]) for d in workspace_needs(name))]
     if not latest:
-        constraints = work / "constraints.txt"
-        if not constraints.exists():
-            uv("export", "--all-packages", "--no-emit-workspace", "--no-hashes", "--no-dev", "--all-extras",
-               "--frozen", "-q", "-o", str(constraints))
-        install += ["--constraint", str(constraints)]
+        install += ["--constraint", str(constraints(work))]
     uv(*install)
     smoke = subprocess.run([str(python), str(REPO / "scripts" / "smoke.py"), name], cwd=work,
                            capture_output=True, text=True)
@@ -105,6 +102,32 @@ def check(name: str, wheels: dict[str, Path], work: Path, latest: bool) -> float
     if smoke.returncode != 0:
         raise SystemExit(smoke.stderr[-6000:] or f"smoke test of {name} failed")
     return time.perf_counter() - start
+
+
+def check_meta(wheels: dict[str, Path], work: Path) -> float:
+    """The meta-package as users install it: ``loongforge[all]`` (the root project's wheel, its
+    extras' ranges resolved against the wheels built here) in a clean venv lists every plugin."""
+    start = time.perf_counter()
+    uv("build", "--wheel", "--no-sources", "-q", "-o", str(work / "dist"), str(REPO))
+    venv = work / "venv-meta"
+    uv("venv", "-q", "--clear", "--python", sys.executable, str(venv))
+    uv("pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--find-links", str(work / "dist"),
+       "--constraint", str(constraints(work)), "loongforge[all]")
+    out = subprocess.run([str(venv / "bin" / "loongforge"), "plugins"], capture_output=True, text=True, cwd=work)
+    missing = [name for _, name in PACKAGES.values() if f" {name} " not in out.stdout]
+    if out.returncode != 0 or missing:
+        raise SystemExit(f"loongforge[all] does not list {missing}:\n{out.stdout}{out.stderr}")
+    print("smoke ok: loongforge[all] lists every plugin")
+    return time.perf_counter() - start
+
+
+def constraints(work: Path) -> Path:
+    """uv.lock's versions as pip constraints (third-party packages only)."""
+    path = work / "constraints.txt"
+    if not path.exists():
+        uv("export", "--all-packages", "--no-emit-workspace", "--no-hashes", "--no-dev", "--all-extras",
+           "--frozen", "-q", "-o", str(path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {len(wheels)} wheels in {time.perf_counter() - t0:.1f} s")
         for name in targets:
             print(f"{name}: clean venv + smoke test took {check(name, wheels, work, args.latest):.1f} s")
+        if args.check == ["all"]:
+            print(f"loongforge[all]: clean venv + plugins took {check_meta(wheels, work):.1f} s")
         if version:
             tag = f"{args.package}-v{version}"
             print(f"\n{args.package} {version} built and smoke-tested ({wheels[args.package].name}).\n"

@@ -151,3 +151,13 @@ def test_task_of_a_left_out_package_is_named(tmp_path):
     result = run_cli("run", str(cfg), env={"LOONGFORGE_LOAD_PLUGINS": "llm"})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "loongforge-models-vlm" in result.stderr and "Did you mean" not in result.stderr
+
+
+def test_requested_backend_of_a_missing_package_is_named(monkeypatch):
+    from loongforge import builtin, known_packages
+    from loongforge.backends.cpu import CpuBackend
+    from loongforge.config import ConfigError
+
+    monkeypatch.setattr(known_packages, "_missing", lambda dist: "not installed")
+    with pytest.raises(ConfigError, match=r"install loongforge-backend-xpu \(pip install 'loongforge\[xpu\]'\)"):
+        builtin.loongforge_select_backend(available=[CpuBackend()], requested="xpu")
