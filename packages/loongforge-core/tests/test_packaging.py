@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def wheels(tmp_path_factory) -> Path:
 def test_every_package_builds_a_wheel(wheels):
     built = {p.name.split("-")[0] for p in wheels.glob("*.whl")}
     assert built == {name.replace("-", "_") for name in PACKAGES}
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), wheel.name
+        assert any(n.endswith("/py.typed") for n in names), wheel.name
 
 
 @pytest.mark.slow

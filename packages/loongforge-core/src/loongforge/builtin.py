@@ -47,8 +47,11 @@ def loongforge_select_backend(available, requested):
                 return backend
         names = ", ".join(b.name for b in available)
         from loongforge.config import ConfigError
+        from loongforge.known_packages import install_hint
 
-        raise ConfigError(f"config key 'backend': {requested!r} is not available here (available: {names})")
+        hint = install_hint("backends", requested)
+        raise ConfigError(f"config key 'backend': {requested!r} is not available here (available: {names})."
+                          + (f" {hint}" if hint else ""))
     return max(available, key=lambda b: b.priority)
 
 

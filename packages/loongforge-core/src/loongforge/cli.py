@@ -100,7 +100,11 @@ def cmd_run(args, launch: list[str]) -> int:
 
     plugins = _plugins()
     _report_failures(plugins)
-    run(_compose(args), plugins)
+    cfg = _compose(args)
+    from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
+
+    with quiet_console(cfg.output_dir):
+        run(cfg, plugins)
     return 0
 
 
@@ -154,7 +158,10 @@ def cmd_convert(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from loongforge import __version__
+
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
+    parser.add_argument("--version", action="version", version=f"loongforge-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):

@@ -115,6 +115,8 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
 
         registry = get_plugin_manager().registry()
     config_dir, name, search = _primary(config, _search_paths(registry))
+    if config_dir == "." and not Path(config).exists():  # a config name that no installed plugin holds
+        raise ConfigError(_explain("Cannot find primary config", name, search))
     hydra_overrides = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
     try:
         if config_dir.startswith("pkg://"):
@@ -132,9 +134,15 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
 
 
 def _explain(message: str, name: str, search: list[str]) -> str:
+    from loongforge.known_packages import hint_for_hydra_message, install_hint
+
     hint = ""
     if "Cannot find primary config" in message:
+        if known := install_hint("config", name):
+            return f"no config named {name!r} in the installed plugins. {known}"
         hint = f" Searched: {', '.join(search) or 'no plugin config directories'}."
+    elif known := hint_for_hydra_message(message):
+        hint = f" {known}"
     elif "Could not override" in message or "Key '" in message:
         hint = " Prefix a new key with '+' to add it, or check its spelling with `loongforge config show`."
     return f"{message.strip()}{hint}"
