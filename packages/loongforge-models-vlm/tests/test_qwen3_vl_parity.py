@@ -1,4 +1,5 @@
-"""Logits parity with transformers' Qwen3VLForConditionalGeneration on a tiny random config.
+"""Logits parity with transformers' Qwen3VLForConditionalGeneration on a tiny random config
+(images; an image plus videos).
 
 Ours is composed from the shipped ``qwen3_vl_tiny`` config (Qwen3-ViT x Qwen3 merger with DeepStack
 mergers x the qwen3 LLM family's GPTModel with DeepStack layers and interleaved MRoPE) and loaded
@@ -142,6 +143,61 @@ def test_deepstack_needs_its_layers_on_the_first_stage(mcore, tiny_section):
     run = RunSettings()
     with pytest.raises(ConfigError, match="first 3 LLM layers"):  # the tiny LLM has 2 layers
         provider.build(provider.transformer_config(run), run, backend=mcore)
+
+
+def test_video_logits_match_hf(mcore, tiny_section, tmp_path, saved_hf_tensors):
+    """Row 0: an image and a 4-frame clip; row 1: another clip; each frame behind its timestamp text."""
+    import numpy as np
+    from loongforge_vlm.data.video import Qwen3VideoProcessor, write_video
+
+    provider = VLMProvider(tiny_section)
+    hf = hf_reference(provider)
+    ours = build_ours(provider, mcore, hf, tmp_path, saved_hf_tensors)
+    images = provider.image_processor()
+    videos = Qwen3VideoProcessor(fps=2.0, min_pixels=0, max_pixels=10**9)
+    rng = torch.Generator().manual_seed(4)
+
+    def text(n):
+        return torch.randint(0, 290, (n,), generator=rng).tolist()
+
+    rows, pixels, grids, vpixels, vgrids = [], [], [], [], []
+    for spec in (["image", ("v0", 20, 64, 96)], [("v1", 12, 96, 64)]):  # row 0: image + clip, row 1: clip
+        ids = text(3)
+        for item in spec:
+            if item == "image":
+                p, g = images(shape_image(96, 64, "red"))
+                ids += [START] + [IMAGE] * images.num_tokens(g) + [END] + text(2)
+                pixels.append(p), grids.append(g)
+                continue
+            name, n, h, w = item
+            write_video(tmp_path / f"{name}.mkv", np.random.default_rng(n).integers(0, 256, (n, h, w, 3), dtype=np.uint8), fps=10)
+            p, g, times = videos(tmp_path / f"{name}.mkv")
+            for _ in times:  # each frame: timestamp text (random ids stand in for it), start, tokens, end
+                ids += text(4) + [START] + [VIDEO] * videos.num_tokens((1, *g[1:])) + [END]
+            vpixels.append(p), vgrids.append(g)
+        rows.append(ids + text(3))
+    assert vgrids == [(2, 4, 6), (2, 6, 4)]  # 4 frames each (2 s at fps 2; min_frames 4)
+    seq = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (seq - len(r)) for r in rows])
+    pixels, grid_thw = torch.cat(pixels), torch.tensor(grids)
+    vpixels, video_grid_thw = torch.cat(vpixels), torch.tensor(vgrids)
+    kinds = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    mrope = torch.stack([mrope_positions(ids[0], grids, IMAGE, 2, video_token_id=VIDEO, video_grid_thw=vgrids[:1]),
+                         mrope_positions(ids[1], [], IMAGE, 2, video_token_id=VIDEO, video_grid_thw=vgrids[1:])])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid_thw, pixel_values_videos=vpixels,
+                 video_grid_thw=video_grid_thw, mm_token_type_ids=kinds).logits
+        hf_pos, _ = hf.model.get_rope_index(ids, kinds, image_grid_thw=grid_thw, video_grid_thw=video_grid_thw)
+        logits = ours(ids, torch.arange(seq).expand(2, seq), None, pixel_values=pixels, image_grid_thw=grid_thw,
+                      pixel_values_videos=vpixels, video_grid_thw=video_grid_thw, mrope_position_ids=mrope)
+    assert torch.equal(mrope.transpose(0, 1), hf_pos)
+    rel = ((logits[..., :VOCAB] - ref).norm() / ref.norm()).item()
+    print(f"\nqwen3-vl video parity: |ours - hf| / |hf| = {rel:.2e}")
+    assert rel < REL_TOL
+    with torch.no_grad():  # the videos matter
+        no_video = ours(ids, torch.arange(seq).expand(2, seq), None, pixel_values=pixels, image_grid_thw=grid_thw,
+                        mrope_position_ids=mrope)
+    assert (no_video - logits).abs().max() > 1e-3
 
 
 PUBLISHED = {  # Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json: text (hidden, layers, heads, kv, ffn, tied), vision

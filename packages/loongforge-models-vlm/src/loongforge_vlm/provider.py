@@ -167,6 +167,16 @@ class VLMProvider:
                               f"image_processor(encoder_section, projector_section): {exc}") from None
         return make(self.encoder_cfg, self.projector_cfg)
 
+    def video_processor(self):
+        """The encoder's video preprocessing (its component module's ``video_processor(encoder_section,
+        projector_section)``), or None for an encoder without video input or a layout without a video token."""
+        module = self.encoder_record.builder.split(":")[0]
+        try:
+            make = load_object(f"{module}:video_processor")
+        except (AttributeError, ImportError):
+            return None
+        return make(self.encoder_cfg, self.projector_cfg) if self.layout.video_token else None
+
     def build(self, config, run: RunSettings, *, backend, pre_process: bool = True, post_process: bool = True,
               vp_stage: int | None = None):
         from loongforge_vlm.model import MRopeGPTModel, VLMModel

@@ -174,3 +174,12 @@ def image_processor(encoder: dict, projector: dict):
     section = {"image_mean": MEAN_STD, "image_std": MEAN_STD, "patch_size": 16, **{k: v for k, v in dict(encoder).items()
                                                                                      if v is not None}}
     return Qwen2_5ImageProcessor.from_encoder_section(section)
+
+
+def video_processor(encoder: dict, projector: dict):
+    """Qwen3-VL video sampling and sizing (``model.image_encoder.video_fps/video_min_frames/
+    video_max_frames/video_min_pixels/video_max_pixels``; defaults: Qwen3-VL's video processor)."""
+    from loongforge_vlm.data.video import Qwen3VideoProcessor
+
+    section = {"image_mean": MEAN_STD, "image_std": MEAN_STD, **{k: v for k, v in dict(encoder).items() if v is not None}}
+    return Qwen3VideoProcessor.from_encoder_section(section)

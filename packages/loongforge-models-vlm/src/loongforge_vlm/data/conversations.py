@@ -3,7 +3,9 @@
 A record is LLaVA-style: ``{"messages": [{"role": "user", "content": "<image>\\nWhat is it?"},
 {"role": "assistant", "content": "A red square."}], "images": ["img/0001.png"]}``; image paths are
 relative to the jsonl file. Each ``<image>`` placeholder (in order) becomes
-``<|vision_start|>`` + one ``<|image_pad|>`` per LLM image token + ``<|vision_end|>``; the
+``<|vision_start|>`` + one ``<|image_pad|>`` per LLM image token + ``<|vision_end|>``. Videos work the
+same way (``"videos": [...]`` and ``<video>`` placeholders; only with a ``video_processor``, e.g.
+Qwen3-VL's, which turns a clip into timestamped frames, :mod:`loongforge_vlm.data.video`); the
 conversation is rendered with the chat template and only assistant answers carry loss
 (``loongforge.data.sft.ChatEncoder``). Images are checked (opened, sized) when the dataset is
 built, so a bad or missing image fails before training, naming the file, line and image; with
@@ -38,6 +40,7 @@ from loongforge_vlm.data.positions import mrope_positions
 from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
 
 PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 
 @dataclass
@@ -46,12 +49,16 @@ class Record:
     messages: list[dict]
     images: list[Path]
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
+    #: per video: (sampled frame indices, grid, frame timestamps), from its metadata
+    video_plans: list[tuple[list[int], tuple[int, int, int], list[float]]] = field(default_factory=list)
 
 
 @dataclass
 class Stats:
     samples: int = 0
     images: int = 0
+    videos: int = 0
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
     packed: bool = False
@@ -60,7 +67,8 @@ class Stats:
     padded_tokens: int = 0
 
     def summary(self) -> str:
-        out = f"{self.samples} conversations with {self.images} images; {self.skipped} skipped"
+        videos = f" and {self.videos} videos" if self.videos else ""
+        out = f"{self.samples} conversations with {self.images} images{videos}; {self.skipped} skipped"
         if self.packed:
             out += (f"; packed into {self.sequences} sequences, packing efficiency "
                     f"{self.real_tokens / max(1, self.padded_tokens):.1%}")
@@ -80,7 +88,23 @@ def _open(path: Path):
         raise DataError(f"image {path} cannot be read: {exc}") from None
 
 
-def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
+def _plan_videos(record: Record, rec: dict, file: Path, video_processor) -> None:
+    from loongforge_vlm.data.video import probe
+
+    videos = [file.parent / p for p in rec.get("videos") or []]
+    placeholders = sum(str(m.get("content", "")).count(VIDEO_PLACEHOLDER) for m in record.messages)
+    if placeholders != len(videos):
+        raise DataError(f"{placeholders} {VIDEO_PLACEHOLDER} placeholders but {len(videos)} videos")
+    if videos and video_processor is None:
+        raise DataError("the record has videos but the image encoder has no video processor")
+    for p in videos:
+        info = probe(p)
+        indices, grid = video_processor.plan(info)
+        record.videos.append(p)
+        record.video_plans.append((indices, grid, video_processor.timestamps(indices, info.fps)))
+
+
+def read_records(paths, processor, on_error: str, stats: Stats, video_processor=None) -> list[Record]:
     out = []
     for file in paths:
         file = Path(file)
@@ -104,6 +128,7 @@ def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
                     img = _open(p)
                     h, w = processor.target_size(img.height, img.width)
                     record.grids.append((1, h // processor.patch_size, w // processor.patch_size))
+                _plan_videos(record, rec, file, video_processor)
             except (DataError, json.JSONDecodeError, ValueError) as exc:
                 msg = f"{where}: {exc}"
                 if on_error != "skip":
@@ -118,15 +143,20 @@ def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
 class VLMConversationDataset(torch.utils.data.Dataset):
     def __init__(self, paths, tokenizer, processor, *, seq_length: int,
                  image_token: str, vision_start: str, vision_end: str, chat_template: str = "chatml",
-                 loss_on: str = "assistant", on_error: str = "raise", pack: bool = False, seed: int = 0):
+                 loss_on: str = "assistant", on_error: str = "raise", pack: bool = False, seed: int = 0,
+                 video_processor=None, video_token: str = ""):
         self.processor, self.seq_length, self.on_error, self.pack = processor, seq_length, on_error, pack
+        self.video_processor, self.video_token = video_processor, video_token
+        if video_processor is not None and not video_token:
+            raise ValueError("a video processor needs the layout's video token (VLMLayout.video_token)")
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_processor is not None else None
         self.stats = Stats(packed=pack)
         self.encoder = ChatEncoder(tokenizer, chat_template, loss_on)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.pad_id = pad_token_id(tokenizer)
         self.tokens = (image_token, vision_start, vision_end)
         self.records = []
-        for rec in read_records(paths, processor, on_error, self.stats):
+        for rec in read_records(paths, processor, on_error, self.stats, video_processor):
             try:
                 ids, mask = self._encode(rec)
             except DataError as exc:
@@ -137,6 +167,7 @@ class VLMConversationDataset(torch.utils.data.Dataset):
                 continue
             self.records.append((rec, ids, mask))
             self.stats.images += len(rec.images)
+            self.stats.videos += len(rec.videos)
         self.stats.samples = len(self.records)
         if not self.records:
             raise DataError(f"no usable conversations in {list(map(str, paths))} ({self.stats.summary()})")
@@ -148,13 +179,19 @@ class VLMConversationDataset(torch.utils.data.Dataset):
 
     def _encode(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
         image, start, end = self.tokens
-        grids = iter(rec.grids)
+        grids, plans = iter(rec.grids), iter(rec.video_plans)
         messages = []
         for m in rec.messages:
             parts = str(m.get("content", "")).split(PLACEHOLDER)
             text = parts[0]
             for part in parts[1:]:
                 text += start + image * self.processor.num_tokens(next(grids)) + end + part
+            if rec.videos:
+                parts = text.split(VIDEO_PLACEHOLDER)
+                text = parts[0]
+                for part in parts[1:]:
+                    _, grid, times = next(plans)
+                    text += self.video_processor.prompt(grid, times, self.video_token, start, end) + part
             messages.append({**m, "content": text})
         ids, mask = self.encoder.encode(messages)
         if len(ids) - 1 > self.seq_length:
@@ -178,6 +215,18 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             grids.append(g)
         return pixels, grids
 
+    def _videos(self, rec: Record):
+        from loongforge_vlm.data.video import decode
+
+        pixels, grids = [], []
+        for path, (indices, grid, _) in zip(rec.videos, rec.video_plans, strict=True):
+            try:
+                pixels.append(self.video_processor.patches(decode(path, indices), grid))
+            except DataError as exc:
+                raise DataError(f"{rec.where}: {exc}") from None
+            grids.append(grid)
+        return pixels, grids
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, p = self.seq_length, self.processor
         tokens = torch.full((s,), self.pad_id, dtype=torch.long)
@@ -186,7 +235,7 @@ class VLMConversationDataset(torch.utils.data.Dataset):
         position_ids = torch.zeros(s, dtype=torch.long)
         mrope = torch.zeros(3, s, dtype=torch.long)
         segment_ids = torch.zeros(s, dtype=torch.long)
-        pixels, grids = [], []
+        pixels, grids, vpixels, vgrids = [], [], [], []
         at = 0
         for seg, r in enumerate(self.bins[int(i)]):
             rec, ids, mask = self.records[r]
@@ -195,9 +244,13 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
             loss_mask[at:at + n] = torch.from_numpy(np.asarray(mask[1:], dtype=np.float32))
             rec_pixels, rec_grids = self._images(rec)
+            rec_vpixels, rec_vgrids = self._videos(rec) if rec.videos else ([], [])
             position_ids[at:at + n] = torch.arange(n)
-            mrope[:, at:at + n] = (mrope_positions(ids[:-1], rec_grids, self.image_token_id, p.merge_size)
+            mrope[:, at:at + n] = (mrope_positions(ids[:-1], rec_grids, self.image_token_id, p.merge_size,
+                                                   video_token_id=self.video_token_id, video_grid_thw=rec_vgrids)
                                    if isinstance(p, Qwen2_5ImageProcessor) else torch.arange(n))
+            vpixels += rec_vpixels
+            vgrids += rec_vgrids
             segment_ids[at:at + n] = seg
             pixels += rec_pixels
             grids += rec_grids
@@ -215,16 +268,20 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             "pixel_values": torch.cat(pixels) if pixels else p.empty_pixels(),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3),
         }
+        if self.video_processor is not None:
+            out["pixel_values_videos"] = torch.cat(vpixels) if vpixels else self.video_processor.empty_pixels()
+            out["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long).view(-1, 3)
         if self.pack:
             out["segment_ids"] = segment_ids
         return out
 
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in IMAGE_KEYS}
     for k in IMAGE_KEYS:
-        out[k] = torch.cat([s[k] for s in samples])
+        if k in samples[0]:
+            out[k] = torch.cat([s[k] for s in samples])
     return out
