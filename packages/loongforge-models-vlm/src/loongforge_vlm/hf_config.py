@@ -27,7 +27,8 @@ SECTIONS: dict[str, tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]
         ("siglip", {"depth": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
                     "num_heads": "num_attention_heads", "image_size": "image_size", "patch_size": "patch_size",
                     "in_channels": "num_channels", "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act"}),
-        ("llava_mlp", {"hidden_act": "projector_hidden_act", "bias": "multimodal_projector_bias"}),
+        ("llava_mlp", {"hidden_act": "projector_hidden_act", "bias": "multimodal_projector_bias",
+                       "image_grid_pinpoints": "image_grid_pinpoints"}),
     ),
     "internvl": (
         ("internvit", {"depth": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -95,6 +96,8 @@ def model_cfg_from_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     encoder = {"name": enc_name, **{ours: _scalar(vision[k]) for ours, k in enc_keys.items() if k in vision}}
     projector = {"name": proj_name, "hidden_size": foundation["hidden_size"],
                  **{ours: hf[k] for ours, k in proj_keys.items() if k in hf}}
+    if model_type == "llava_onevision" and str(hf.get("vision_aspect_ratio", "")).startswith("anyres_max_"):
+        projector["max_tiles"] = int(hf["vision_aspect_ratio"][len("anyres_max_"):])
     if model_type in ("qwen2_5_vl", "qwen3_vl"):
         projector["spatial_merge_size"] = vision.get("spatial_merge_size", 2)
     image_token = hf.get("image_token_id", hf.get("image_token_index"))

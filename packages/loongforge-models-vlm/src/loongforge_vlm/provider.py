@@ -104,6 +104,10 @@ class VLMProvider:
         self.projector_cfg.setdefault("context_dim", self.encoder_cfg.get("hidden_size"))
         if "spatial_merge_size" in self.encoder_cfg:
             self.projector_cfg.setdefault("spatial_merge_size", self.encoder_cfg["spatial_merge_size"])
+        if self.projector_cfg.get("image_grid_pinpoints"):  # anyres tiles are the encoder's images
+            for key in ("image_size", "patch_size"):
+                if not self.projector_cfg.get(key):
+                    self.projector_cfg[key] = self.encoder_cfg.get(key)
         if self.projector_cfg.get("num_deepstack") is None and "deepstack_visual_indexes" in self.encoder_cfg:
             # one DeepStack merger per tapped encoder block
             self.projector_cfg["num_deepstack"] = len(self.encoder_cfg.get("deepstack_visual_indexes") or ())
@@ -303,6 +307,9 @@ class VLMProvider:
                    "vision_feature_select_strategy": "full", "projector_hidden_act": p.get("hidden_act", "gelu"),
                    "multimodal_projector_bias": p.get("bias", True),
                    "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+            if p.get("image_grid_pinpoints"):
+                cfg["image_grid_pinpoints"] = [list(x) for x in p["image_grid_pinpoints"]]
+                cfg["vision_aspect_ratio"] = f"anyres_max_{p.get('max_tiles') or 9}"
             if self.image_token_id is not None:
                 cfg["image_token_index"] = self.image_token_id
             return cfg

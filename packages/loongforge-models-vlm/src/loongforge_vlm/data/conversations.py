@@ -126,8 +126,7 @@ def read_records(paths, processor, on_error: str, stats: Stats, video_processor=
                 record = Record(where, messages, images)
                 for p in images:
                     img = _open(p)
-                    h, w = processor.target_size(img.height, img.width)
-                    record.grids.append((1, h // processor.patch_size, w // processor.patch_size))
+                    record.grids.append(processor.grid(img.height, img.width))
                 _plan_videos(record, rec, file, video_processor)
             except (DataError, json.JSONDecodeError, ValueError) as exc:
                 msg = f"{where}: {exc}"
