@@ -34,12 +34,22 @@ class VideoInfo:
     width: int
 
 
-def probe(path: Path) -> VideoInfo:
-    """Frame count, rate and size of the first video stream (demuxes; decodes one frame at most)."""
+def _open(media):
+    """``av.open`` of a path or an in-memory ``records.Member``."""
+    import av
+
+    from loongforge_vlm.data.records import Member, source
+
+    return av.open(source(media) if isinstance(media, Member) else str(media))
+
+
+def probe(path) -> VideoInfo:
+    """Frame count, rate and size of the first video stream (demuxes, does not decode).
+    ``path``: a file path or a ``records.Member``."""
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with _open(path) as container:
             if not container.streams.video:
                 raise DataError(f"video {path} has no video stream")
             stream = container.streams.video[0]
@@ -55,14 +65,14 @@ def probe(path: Path) -> VideoInfo:
     return VideoInfo(total, fps or 24.0, height, width)
 
 
-def decode(path: Path, indices: list[int]) -> np.ndarray:
+def decode(path, indices: list[int]) -> np.ndarray:
     """The frames at ``indices`` (sorted, repeats allowed) as uint8 [n, H, W, 3] RGB."""
     import av
 
     wanted = sorted(set(indices))
     got: dict[int, np.ndarray] = {}
     try:
-        with av.open(str(path)) as container:
+        with _open(path) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
                     got[i] = frame.to_ndarray(format="rgb24")
