@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 CASES = {  # layout: (run config, HF class)
     "qwen2_5_vl": ("qwen2_5_vl_tiny", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3_vl_tiny", "Qwen3VLForConditionalGeneration"),
     "llava_onevision": ("llava_onevision_tiny", "LlavaOnevisionForConditionalGeneration"),
     "internvl": ("custom_combined", "InternVLForConditionalGeneration"),
 }

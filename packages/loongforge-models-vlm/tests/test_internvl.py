@@ -1,11 +1,12 @@
 """InternViT + pixel-shuffle projector: logits parity with transformers' InternVLForConditionalGeneration
-(tiny random config, Qwen2 LLM as in InternVL 2.5/3), pixel shuffle properties, and the
+(tiny random config; Qwen2 LLM as in InternVL 2.5/3, Qwen3 LLM as in InternVL3.5), pixel shuffle properties, and the
 ``custom_combined`` config (InternViT x Qwen3) training from ``loongforge run``."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from loongforge.model_provider import RunSettings
 from loongforge_vlm.components.internvl_mlp import pixel_shuffle, pixel_unshuffle
@@ -27,13 +28,16 @@ def test_pixel_shuffle_is_invertible_and_groups_blocks():
     assert torch.equal(pixel_shuffle(x, 1), x)
 
 
-def test_logits_match_hf(mcore, tmp_path, saved_hf_tensors):
+@pytest.mark.parametrize("llm", ["qwen2.5", "qwen3"])
+def test_logits_match_hf(mcore, tmp_path, saved_hf_tensors, llm):
+    """InternVL 2.5/3 pair InternViT with Qwen2.5; InternVL3.5 with Qwen3 (QK-norm, head_dim 32)."""
     from loongforge.config import compose_config
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     model = OmegaConf.create(OmegaConf.to_container(compose_config("custom_combined").model, resolve=True))
-    with open_dict(model):  # InternVL 2.5/3 pair InternViT with Qwen2.5
-        model.foundation = OmegaConf.to_container(compose_config("qwen2_5_vl_tiny").model.foundation, resolve=True)
+    with open_dict(model):
+        if llm == "qwen2.5":
+            model.foundation = OmegaConf.to_container(compose_config("qwen2_5_vl_tiny").model.foundation, resolve=True)
         model.foundation.vocab_size = VOCAB
         model.image_token_id = IMAGE
     provider = VLMProvider(model)
@@ -66,7 +70,8 @@ def test_logits_match_hf(mcore, tmp_path, saved_hf_tensors):
         ref = hf(input_ids=ids, pixel_values=pixels).logits
         logits = ours(ids, torch.arange(seq).expand(2, seq), None, pixel_values=pixels)
     rel = ((logits[..., :VOCAB] - ref).norm() / ref.norm()).item()
-    print(f"\ninternvl parity: |ours - hf| / |hf| = {rel:.2e}")
+    assert hf_cfg.text_config.model_type == {"qwen2.5": "qwen2", "qwen3": "qwen3"}[llm]
+    print(f"\ninternvl ({llm}) parity: |ours - hf| / |hf| = {rel:.2e}")
     assert rel < REL_TOL
     back = provider.export_hf_weights(ours)
     assert sorted(back) == sorted(sd)

@@ -17,11 +17,18 @@ SECTIONS: dict[str, tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]
                                         "fullatt_block_indexes", "hidden_act")}),
         ("qwen2_5_merger", {}),
     ),
+    "qwen3_vl": (
+        ("qwen3_vit", {k: k for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
+                                      "patch_size", "temporal_patch_size", "spatial_merge_size",
+                                      "num_position_embeddings", "deepstack_visual_indexes", "hidden_act")}),
+        ("qwen3_merger", {}),
+    ),
     "llava_onevision": (
         ("siglip", {"depth": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
                     "num_heads": "num_attention_heads", "image_size": "image_size", "patch_size": "patch_size",
                     "in_channels": "num_channels", "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act"}),
-        ("llava_mlp", {"hidden_act": "projector_hidden_act", "bias": "multimodal_projector_bias"}),
+        ("llava_mlp", {"hidden_act": "projector_hidden_act", "bias": "multimodal_projector_bias",
+                       "image_grid_pinpoints": "image_grid_pinpoints"}),
     ),
     "internvl": (
         ("internvit", {"depth": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -36,7 +43,7 @@ SECTIONS: dict[str, tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]
 READOUT = {"llava_onevision": (-1, "full"), "internvl": (-1, "default")}
 
 #: text_config model types that are a registered LLM family's under another name
-TEXT_MODEL_TYPES = {"qwen2_5_vl_text": "qwen2"}
+TEXT_MODEL_TYPES = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 
 
 def _scalar(v):
@@ -80,21 +87,26 @@ def model_cfg_from_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
     mrope = rope.get("mrope_section") if isinstance(rope, dict) else None
+    interleaved = bool(rope.get("mrope_interleaved")) if isinstance(rope, dict) else False
     if mrope:
         text.pop("rope_scaling", None)
-        text["rope_parameters"] = {k: v for k, v in rope.items() if k != "mrope_section"}
+        text["rope_parameters"] = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved")}
     foundation = foundation_section(text)
     vision = hf.get("vision_config") or {}
     encoder = {"name": enc_name, **{ours: _scalar(vision[k]) for ours, k in enc_keys.items() if k in vision}}
     projector = {"name": proj_name, "hidden_size": foundation["hidden_size"],
                  **{ours: hf[k] for ours, k in proj_keys.items() if k in hf}}
-    if model_type == "qwen2_5_vl":
+    if model_type == "llava_onevision" and str(hf.get("vision_aspect_ratio", "")).startswith("anyres_max_"):
+        projector["max_tiles"] = int(hf["vision_aspect_ratio"][len("anyres_max_"):])
+    if model_type in ("qwen2_5_vl", "qwen3_vl"):
         projector["spatial_merge_size"] = vision.get("spatial_merge_size", 2)
     image_token = hf.get("image_token_id", hf.get("image_token_index"))
     section = {"family": "vlm", "model_type": model_type, "foundation": foundation, "image_encoder": encoder,
                "image_projector": projector, "mrope_section": list(mrope) if mrope else None,
                "image_token_id": image_token}
-    for key in ("vision_start_token_id", "vision_end_token_id"):
+    if interleaved:
+        section["mrope_interleaved"] = True
+    for key in ("video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if hf.get(key) is not None:
             section[key] = hf[key]
     return section

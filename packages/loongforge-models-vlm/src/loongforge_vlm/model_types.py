@@ -27,6 +27,7 @@ class VLMLayout:
     ignore_hf: tuple[str, ...] = ()
     #: the tokens the data pipeline writes around / for each image ("" = none)
     image_token: str = "<|image_pad|>"
+    video_token: str = ""
     vision_start_token: str = "<|vision_start|>"
     vision_end_token: str = "<|vision_end|>"
 
@@ -61,6 +62,19 @@ LAYOUTS: dict[str, VLMLayout] = {
             ("image_projector.", "visual.merger."),
         ),
         llm_prefix="model.",
+    ),
+    # Qwen3VLForConditionalGeneration: the ViT's main merger and DeepStack mergers sit in ``visual``
+    "qwen3_vl": VLMLayout(
+        model_type="qwen3_vl",
+        hf_architecture="Qwen3VLForConditionalGeneration",
+        vision_renames=(
+            ("image_encoder.patch_embed.", "model.visual.patch_embed.proj."),
+            ("image_encoder.", "model.visual."),
+            ("image_projector.deepstack_merger_list.", "model.visual.deepstack_merger_list."),
+            ("image_projector.", "model.visual.merger."),
+        ),
+        llm_prefix="model.language_model.",
+        video_token="<|video_pad|>",
     ),
     # LlavaOnevisionForConditionalGeneration: SigLIP tower, 2-layer MLP, image newline
     "llava_onevision": VLMLayout(

@@ -46,6 +46,18 @@ def loongforge_register_model_components():
             description="Qwen2.5-VL patch merger (2x2 spatial merge -> RMSNorm -> MLP)",
         ),
         ModelComponent(
+            name="qwen3_vit",
+            kind="image_encoder",
+            builder="loongforge_vlm.components.qwen3_vit:build",
+            description="Qwen3-VL vision transformer (interpolated learned positions, 2D RoPE, DeepStack taps)",
+        ),
+        ModelComponent(
+            name="qwen3_merger",
+            kind="image_projector",
+            builder="loongforge_vlm.components.qwen3_merger:build",
+            description="Qwen3-VL patch merger plus one DeepStack merger per tapped encoder block",
+        ),
+        ModelComponent(
             name="siglip",
             kind="image_encoder",
             builder="loongforge_vlm.components.siglip:build",

@@ -8,7 +8,9 @@ The section (see ``configs/qwen2_5_vl_tiny.yaml``)::
     image_encoder: {name: qwen2_5_vit, ...}          # a registered image_encoder component
     image_projector: {name: qwen2_5_merger, ...}     # a registered image_projector component
     mrope_section: [16, 24, 24]   # multimodal RoPE of the LLM; null: plain 1D positions
+    mrope_interleaved: false      # Qwen3-VL: t/h/w interleaved over the rotary dims (model.mrope_axes)
     image_token_id: null          # null: taken from the tokenizer by the task
+    video_token_id: null          # the same for video frames (layouts with video)
 
 The LLM part is entirely the foundation family's provider (its TransformerConfig, padded vocab,
 layer spec and weight rules); this class only decides what exists on a pipeline stage (the
@@ -102,12 +104,22 @@ class VLMProvider:
         self.projector_cfg.setdefault("context_dim", self.encoder_cfg.get("hidden_size"))
         if "spatial_merge_size" in self.encoder_cfg:
             self.projector_cfg.setdefault("spatial_merge_size", self.encoder_cfg["spatial_merge_size"])
+        if self.projector_cfg.get("image_grid_pinpoints"):  # anyres tiles are the encoder's images
+            for key in ("image_size", "patch_size"):
+                if not self.projector_cfg.get(key):
+                    self.projector_cfg[key] = self.encoder_cfg.get(key)
+        if self.projector_cfg.get("num_deepstack") is None and "deepstack_visual_indexes" in self.encoder_cfg:
+            # one DeepStack merger per tapped encoder block
+            self.projector_cfg["num_deepstack"] = len(self.encoder_cfg.get("deepstack_visual_indexes") or ())
+        self.num_deepstack = int(self.projector_cfg.get("num_deepstack") or 0)
         if self.projector_cfg["hidden_size"] != s["foundation"]["hidden_size"]:
             raise ConfigError(f"config key 'model.image_projector.hidden_size' ({self.projector_cfg['hidden_size']}) must "
                               f"equal the LLM's 'model.foundation.hidden_size' ({s['foundation']['hidden_size']})")
         self.encoder_parallel = encoder_parallel(self.encoder_cfg.get("parallel"))
         self.mrope_section = self._mrope_section(s.get("mrope_section"))
+        self.mrope_interleaved = bool(s.get("mrope_interleaved", False))
         self.image_token_id = s.get("image_token_id")
+        self.video_token_id = s.get("video_token_id")
 
     def _mrope_section(self, value) -> tuple[int, ...]:
         """``auto``: Qwen2-VL's split (1/4 time, 3/8 rows, 3/8 cols of the rotary dims) scaled to
@@ -159,21 +171,41 @@ class VLMProvider:
                               f"image_processor(encoder_section, projector_section): {exc}") from None
         return make(self.encoder_cfg, self.projector_cfg)
 
+    def video_processor(self):
+        """The encoder's video preprocessing (its component module's ``video_processor(encoder_section,
+        projector_section)``), or None for an encoder without video input or a layout without a video token."""
+        module = self.encoder_record.builder.split(":")[0]
+        try:
+            make = load_object(f"{module}:video_processor")
+        except (AttributeError, ImportError):
+            return None
+        return make(self.encoder_cfg, self.projector_cfg) if self.layout.video_token else None
+
     def build(self, config, run: RunSettings, *, backend, pre_process: bool = True, post_process: bool = True,
               vp_stage: int | None = None):
         from loongforge_vlm.model import MRopeGPTModel, VLMModel
 
+        model_class = MRopeGPTModel
+        if self.num_deepstack:
+            from loongforge_vlm.deepstack import DeepStackGPTModel
+
+            model_class = DeepStackGPTModel
         llm = self.llm.build(config, run, backend=backend, pre_process=pre_process, post_process=post_process,
-                             vp_stage=vp_stage, model_class=MRopeGPTModel)
+                             vp_stage=vp_stage, model_class=model_class)
         llm.mrope_section = self.mrope_section
+        llm.mrope_interleaved = self.mrope_interleaved
+        if pre_process and len(llm.decoder.layers) < self.num_deepstack:
+            raise ConfigError(f"DeepStack adds vision features to the outputs of the first {self.num_deepstack} LLM "
+                              f"layers (model.image_encoder.deepstack_visual_indexes), but the first pipeline stage "
+                              f"holds {len(llm.decoder.layers)}: give it more layers (parallel.pp / layer split)")
         if self.section["foundation"].get("freeze"):
             llm.requires_grad_(False)
         encoder = projector = None
         if pre_process:
             encoder, projector = self.build_vision()
             self._shard_encoder(encoder, run)
-        return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, mrope=bool(self.mrope_section),
-                        recompute_encoder=self.encoder_parallel.recompute)
+        return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                        mrope=bool(self.mrope_section), recompute_encoder=self.encoder_parallel.recompute)
 
     def _shard_encoder(self, encoder, run: RunSettings) -> None:
         tp = self.encoder_parallel.tp
@@ -275,6 +307,9 @@ class VLMProvider:
                    "vision_feature_select_strategy": "full", "projector_hidden_act": p.get("hidden_act", "gelu"),
                    "multimodal_projector_bias": p.get("bias", True),
                    "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+            if p.get("image_grid_pinpoints"):
+                cfg["image_grid_pinpoints"] = [list(x) for x in p["image_grid_pinpoints"]]
+                cfg["vision_aspect_ratio"] = f"anyres_max_{p.get('max_tiles') or 9}"
             if self.image_token_id is not None:
                 cfg["image_token_index"] = self.image_token_id
             return cfg
@@ -292,6 +327,8 @@ class VLMProvider:
             if self.image_token_id is not None:
                 cfg["image_token_id"] = self.image_token_id
             return cfg
+        if self.layout.model_type == "qwen3_vl":
+            return self._qwen3_vl_config(text)
         if self.layout.model_type != "qwen2_5_vl":
             raise NotImplementedError(f"no HF config export for {self.layout.model_type!r}")
         text["model_type"] = "qwen2_5_vl_text"
@@ -302,6 +339,31 @@ class VLMProvider:
         vision["fullatt_block_indexes"] = list(e.get("fullatt_block_indexes", []))
         vision["out_hidden_size"] = p["hidden_size"]
         cfg = {"architectures": [self.layout.hf_architecture], "model_type": "qwen2_5_vl",
+               "text_config": text, "vision_config": vision,
+               "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if self.section.get(key) is not None:
+                cfg[key] = self.section[key]
+        return cfg
+
+
+    def _qwen3_vl_config(self, text: dict[str, Any]) -> dict[str, Any]:
+        e = self.encoder_cfg
+        text["model_type"] = "qwen3_vl_text"
+        rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+        if text.pop("rope_scaling", None):
+            raise NotImplementedError("RoPE scaling in a Qwen3-VL text config")
+        if self.mrope_section:
+            rope.update(mrope_section=list(self.mrope_section), mrope_interleaved=self.mrope_interleaved)
+        text["rope_parameters"] = rope
+        for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
+            text.pop(key, None)
+        vision = {k: (list(e[k]) if k == "deepstack_visual_indexes" else e[k])
+                  for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                            "temporal_patch_size", "spatial_merge_size", "num_position_embeddings",
+                            "deepstack_visual_indexes", "hidden_act") if k in e}
+        vision["out_hidden_size"] = self.projector_cfg["hidden_size"]
+        cfg = {"architectures": [self.layout.hf_architecture], "model_type": "qwen3_vl",
                "text_config": text, "vision_config": vision,
                "tie_word_embeddings": text.get("tie_word_embeddings", False)}
         for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):

@@ -25,7 +25,8 @@ class RMSNorm(nn.Module):
 
 
 #: keys every component section may carry beyond its own fields (selection, parallel layout, data)
-COMMON_KEYS = ("name", "parallel", "min_pixels", "max_pixels", "image_mean", "image_std")
+COMMON_KEYS = ("name", "parallel", "min_pixels", "max_pixels", "image_mean", "image_std",
+               "video_fps", "video_min_frames", "video_max_frames", "video_min_pixels", "video_max_pixels")
 
 
 def component_args(cls, section: Any, where: str):

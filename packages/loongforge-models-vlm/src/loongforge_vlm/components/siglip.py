@@ -105,8 +105,9 @@ class SiglipViT(Shardable, nn.Module):
         self.embeddings = Embeddings(a)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.depth))
 
-    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        """``pixels`` [n, C, S, S] -> (features [n, (S / patch)^2, hidden], None: no reordering)."""
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``pixels`` [n, C, S, S] -> (features [n, (S / patch)^2, hidden], ``grid_thw`` for the
+        projector: with anyres tiling it says which tiles form which image)."""
         a = self.args
         if pixels.dim() != 4 or pixels.shape[-2:] != (a.image_size, a.image_size):
             raise ValueError(f"the SigLIP encoder takes images of {a.image_size}x{a.image_size} "
@@ -114,7 +115,7 @@ class SiglipViT(Shardable, nn.Module):
         x = self.embeddings(pixels)
         for layer in self.layers:
             x = layer(x)
-        return x, None
+        return x, grid_thw
 
 
 def build(section) -> SiglipViT:
@@ -128,6 +129,15 @@ def image_processor(encoder: dict, projector: dict):
     from loongforge_vlm.data.fixed_image import FixedImageProcessor
 
     a = component_args(SiglipArgs, encoder, "model.image_encoder")
-    return FixedImageProcessor.from_sections(encoder, a.image_size, a.patch_size,
+    base = FixedImageProcessor.from_sections(encoder, a.image_size, a.patch_size,
                                              tokens=a.grid ** 2 + int(bool(projector.get("image_newline"))),
                                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if not projector.get("image_grid_pinpoints"):
+        return base
+    import dataclasses
+
+    from loongforge_vlm.data.anyres import AnyresImageProcessor
+
+    return AnyresImageProcessor(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                                pinpoints=tuple(tuple(int(v) for v in p) for p in projector["image_grid_pinpoints"]),
+                                max_tiles=int(projector.get("max_tiles") or 9))

@@ -3,7 +3,9 @@
 A record is LLaVA-style: ``{"messages": [{"role": "user", "content": "<image>\\nWhat is it?"},
 {"role": "assistant", "content": "A red square."}], "images": ["img/0001.png"]}``; image paths are
 relative to the jsonl file. Each ``<image>`` placeholder (in order) becomes
-``<|vision_start|>`` + one ``<|image_pad|>`` per LLM image token + ``<|vision_end|>``; the
+``<|vision_start|>`` + one ``<|image_pad|>`` per LLM image token + ``<|vision_end|>``. Videos work the
+same way (``"videos": [...]`` and ``<video>`` placeholders; only with a ``video_processor``, e.g.
+Qwen3-VL's, which turns a clip into timestamped frames, :mod:`loongforge_vlm.data.video`); the
 conversation is rendered with the chat template and only assistant answers carry loss
 (``loongforge.data.sft.ChatEncoder``). Images are checked (opened, sized) when the dataset is
 built, so a bad or missing image fails before training, naming the file, line and image; with
@@ -24,119 +26,35 @@ images are its conversations' images in order, so the model scatters each at its
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
 import torch
 from loongforge.data.errors import DataError
-from loongforge.data.sft import ChatEncoder, pack_best_fit
-from loongforge.data.tokenizer import pad_token_id
+from loongforge.data.sft import pack_best_fit
 
-from loongforge_vlm.data.positions import mrope_positions
-from loongforge_vlm.data.qwen2_5_image import Qwen2_5ImageProcessor
-
-PLACEHOLDER = "<image>"
-
-
-@dataclass
-class Record:
-    where: str  # file:line, for error messages
-    messages: list[dict]
-    images: list[Path]
-    grids: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-@dataclass
-class Stats:
-    samples: int = 0
-    images: int = 0
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
-    packed: bool = False
-    sequences: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-
-    def summary(self) -> str:
-        out = f"{self.samples} conversations with {self.images} images; {self.skipped} skipped"
-        if self.packed:
-            out += (f"; packed into {self.sequences} sequences, packing efficiency "
-                    f"{self.real_tokens / max(1, self.padded_tokens):.1%}")
-        return out
-
-
-def _open(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"image {path} cannot be read: {exc}") from None
-
-
-def read_records(paths, processor, on_error: str, stats: Stats) -> list[Record]:
-    out = []
-    for file in paths:
-        file = Path(file)
-        if not file.is_file():
-            raise DataError(f"data file not found: {file}")
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{n}"
-            try:
-                rec = json.loads(line)
-                messages = rec.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise DataError("record has no 'messages' list")
-                images = [file.parent / p for p in rec.get("images") or []]
-                placeholders = sum(str(m.get("content", "")).count(PLACEHOLDER) for m in messages)
-                if placeholders != len(images):
-                    raise DataError(f"{placeholders} {PLACEHOLDER} placeholders but {len(images)} images")
-                record = Record(where, messages, images)
-                for p in images:
-                    img = _open(p)
-                    h, w = processor.target_size(img.height, img.width)
-                    record.grids.append((1, h // processor.patch_size, w // processor.patch_size))
-            except (DataError, json.JSONDecodeError, ValueError) as exc:
-                msg = f"{where}: {exc}"
-                if on_error != "skip":
-                    raise DataError(f"{msg} (set data.on_error=skip to skip such samples)") from None
-                stats.skipped += 1
-                stats.errors.append(msg)
-                continue
-            out.append(record)
-    return out
+from loongforge_vlm.data.records import Stats, read_records, skip
+from loongforge_vlm.data.samples import SampleBuilder
 
 
 class VLMConversationDataset(torch.utils.data.Dataset):
     def __init__(self, paths, tokenizer, processor, *, seq_length: int,
                  image_token: str, vision_start: str, vision_end: str, chat_template: str = "chatml",
-                 loss_on: str = "assistant", on_error: str = "raise", pack: bool = False, seed: int = 0):
-        self.processor, self.seq_length, self.on_error, self.pack = processor, seq_length, on_error, pack
+                 loss_on: str = "assistant", on_error: str = "raise", pack: bool = False, seed: int = 0,
+                 video_processor=None, video_token: str = ""):
+        self.pack = pack
+        self.builder = SampleBuilder(tokenizer, processor, seq_length=seq_length, image_token=image_token,
+                                     vision_start=vision_start, vision_end=vision_end, chat_template=chat_template,
+                                     loss_on=loss_on, video_processor=video_processor, video_token=video_token)
         self.stats = Stats(packed=pack)
-        self.encoder = ChatEncoder(tokenizer, chat_template, loss_on)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.pad_id = pad_token_id(tokenizer)
-        self.tokens = (image_token, vision_start, vision_end)
         self.records = []
-        for rec in read_records(paths, processor, on_error, self.stats):
+        for rec in read_records(paths, processor, on_error, self.stats, video_processor):
             try:
-                ids, mask = self._encode(rec)
+                ids, mask = self.builder.encode(rec)
             except DataError as exc:
-                if on_error != "skip":
+                if not skip(str(exc), on_error, self.stats):
                     raise
-                self.stats.skipped += 1
-                self.stats.errors.append(str(exc))
                 continue
             self.records.append((rec, ids, mask))
             self.stats.images += len(rec.images)
+            self.stats.videos += len(rec.videos)
         self.stats.samples = len(self.records)
         if not self.records:
             raise DataError(f"no usable conversations in {list(map(str, paths))} ({self.stats.summary()})")
@@ -146,85 +64,19 @@ class VLMConversationDataset(torch.utils.data.Dataset):
         self.stats.real_tokens = sum(lengths)
         self.stats.padded_tokens = len(self.bins) * seq_length
 
-    def _encode(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
-        image, start, end = self.tokens
-        grids = iter(rec.grids)
-        messages = []
-        for m in rec.messages:
-            parts = str(m.get("content", "")).split(PLACEHOLDER)
-            text = parts[0]
-            for part in parts[1:]:
-                text += start + image * self.processor.num_tokens(next(grids)) + end + part
-            messages.append({**m, "content": text})
-        ids, mask = self.encoder.encode(messages)
-        if len(ids) - 1 > self.seq_length:
-            raise DataError(f"{rec.where}: the conversation has {len(ids)} tokens with its image tokens, more than "
-                            f"train.seq_length + 1 = {self.seq_length + 1} (raise it or lower max_pixels)")
-        if mask[1:].sum() == 0:
-            raise DataError(f"{rec.where}: no token carries loss (no assistant answer)")
-        return ids, mask
-
     def __len__(self) -> int:
         return len(self.bins)
 
-    def _images(self, rec: Record):
-        pixels, grids = [], []
-        for path in rec.images:
-            try:
-                p, g = self.processor(_open(path))
-            except DataError as exc:
-                raise DataError(f"{rec.where}: {exc}") from None
-            pixels.append(p)
-            grids.append(g)
-        return pixels, grids
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s, p = self.seq_length, self.processor
-        tokens = torch.full((s,), self.pad_id, dtype=torch.long)
-        labels = torch.full((s,), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros(s, dtype=torch.float32)
-        position_ids = torch.zeros(s, dtype=torch.long)
-        mrope = torch.zeros(3, s, dtype=torch.long)
-        segment_ids = torch.zeros(s, dtype=torch.long)
-        pixels, grids = [], []
-        at = 0
-        for seg, r in enumerate(self.bins[int(i)]):
-            rec, ids, mask = self.records[r]
-            n = len(ids) - 1
-            ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
-            loss_mask[at:at + n] = torch.from_numpy(np.asarray(mask[1:], dtype=np.float32))
-            rec_pixels, rec_grids = self._images(rec)
-            position_ids[at:at + n] = torch.arange(n)
-            mrope[:, at:at + n] = (mrope_positions(ids[:-1], rec_grids, self.image_token_id, p.merge_size)
-                                   if isinstance(p, Qwen2_5ImageProcessor) else torch.arange(n))
-            segment_ids[at:at + n] = seg
-            pixels += rec_pixels
-            grids += rec_grids
-            at += n
-        if at < s:  # padding: continues the last conversation's positions; its own segment
-            position_ids[at:] = position_ids[at - 1] + 1 + torch.arange(s - at)
-            mrope[:, at:] = mrope[:, at - 1].max() + 1 + torch.arange(s - at)
-            segment_ids[at:] = segment_ids[at - 1] + 1
-        out = {
-            "tokens": tokens,
-            "labels": labels,
-            "loss_mask": loss_mask,
-            "position_ids": position_ids,
-            "mrope_position_ids": mrope,
-            "pixel_values": torch.cat(pixels) if pixels else p.empty_pixels(),
-            "image_grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3),
-        }
-        if self.pack:
-            out["segment_ids"] = segment_ids
-        return out
+        return self.builder.row([self.records[r] for r in self.bins[int(i)]], segments=self.pack)
 
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in IMAGE_KEYS}
     for k in IMAGE_KEYS:
-        out[k] = torch.cat([s[k] for s in samples])
+        if k in samples[0]:
+            out[k] = torch.cat([s[k] for s in samples])
     return out

@@ -31,6 +31,11 @@ class FixedImageProcessor:
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return self.image_size, self.image_size
 
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """The image's ``grid_thw`` row, from its size alone."""
+        g = self.image_size // self.patch_size
+        return (1, g, g)
+
     def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``(pixels [1, C, S, S], (1, S / patch, S / patch))`` of a PIL image."""
         from PIL import Image

@@ -58,6 +58,11 @@ class Qwen2_5ImageProcessor:
             w = math.ceil(width * beta / factor) * factor
         return h, w
 
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """The image's ``grid_thw`` row, from its size alone."""
+        h, w = self.target_size(height, width)
+        return (1, h // self.patch_size, w // self.patch_size)
+
     def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``(patches [grid_h * grid_w, C * T * P * P], (1, grid_h, grid_w))`` of a PIL image."""
         from PIL import Image
