@@ -10,7 +10,8 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
    context parallelism asks for it) and reports CPU tensors' ``type()`` with the
    ``torch.cuda.`` prefix that megatron-core's optimizers dispatch on;
 2. ``torch.cuda.current_device``/``synchronize``/``manual_seed``/``current_stream``/``stream``
-   are replaced by CPU equivalents;
+   and the ``Stream``/``Event`` classes (megatron-core's all-to-all MoE token dispatcher) are
+   replaced by CPU equivalents;
 3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name), and
    its get/set of the "CUDA" RNG state (used around activation recompute) use the CPU generator;
 4. two collectives megatron-core calls are supplied on gloo groups from ones gloo has had since
@@ -133,6 +134,12 @@ def gloo_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
 class _HostStream:
     """Stands in for ``torch.cuda.Stream``: on the CPU all work is already ordered."""
 
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _HostEvent()
+
     def wait_event(self, event) -> None:
         pass
 
@@ -141,6 +148,25 @@ class _HostStream:
 
     def synchronize(self) -> None:
         pass
+
+
+class _HostEvent:
+    """Stands in for ``torch.cuda.Event`` (megatron-core's MoE token dispatcher records some)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 class CpuRNGStatesTracker:
@@ -209,6 +235,9 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(torch.cuda, "manual_seed", lambda seed: None))
             stack.enter_context(mock.patch.object(torch.cuda, "current_stream", lambda *a, **k: _HostStream()))
             stack.enter_context(mock.patch.object(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()))
+            # megatron-core's all-to-all MoE dispatcher keeps a side stream for its device-to-host copies
+            stack.enter_context(mock.patch.object(torch.cuda, "Stream", _HostStream))
+            stack.enter_context(mock.patch.object(torch.cuda, "Event", _HostEvent))
             # activation recompute saves and restores the "CUDA" RNG state around each checkpoint
             stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
             stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
