@@ -128,6 +128,10 @@ def parse_moe_args(section: dict[str, Any], num_layers: int) -> MoEArgs:
     top_k = _positive_int(section, "num_experts_per_tok")
     if top_k > experts:
         raise ModelConfigError(f"config key 'model.num_experts_per_tok' ({top_k}) exceeds 'model.num_experts' ({experts})")
+    norm = bool(section.get("norm_topk_prob", False))
+    if top_k == 1 and norm:
+        raise ModelConfigError("config keys 'model.num_experts_per_tok'=1 with 'model.norm_topk_prob'=true: "
+                               "megatron-core's router takes the softmax before a top-1 choice (weight p, not 1)")
     step = section.get("decoder_sparse_step", 1) or 1
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ModelConfigError(f"config key 'model.decoder_sparse_step' must be a positive integer, got {step!r}")
@@ -138,7 +142,7 @@ def parse_moe_args(section: dict[str, Any], num_layers: int) -> MoEArgs:
         num_experts=experts,
         top_k=top_k,
         moe_intermediate_size=_positive_int(section, "moe_intermediate_size"),
-        norm_topk_prob=bool(section.get("norm_topk_prob", False)),
+        norm_topk_prob=norm,
         router_aux_loss_coef=float(section.get("router_aux_loss_coef", 0.001) or 0.0),
         moe_layers=pattern,
         options=parse_options(section.get("moe")),

@@ -124,21 +124,34 @@ class GroupedExperts(MegatronModule):
         """Weight gradients are computed in the ordinary backward (no delayed wgrad)."""
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Distributed-checkpoint entries with global expert indices, so a checkpoint loads under
-        another EP/ETP layout: ``fc1_weight`` as [E, 2, I, H] (gate and up split apart, each cut
-        over ETP) and ``fc2_weight`` as [E, H, I]."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        """Distributed-checkpoint entries in the global layout ``fc1_weight`` [E, 2I, H] (per
+        expert all gate rows, then all up rows: HF's fused ``gate_up_proj``) and ``fc2_weight``
+        [E, H, I], with this rank's experts and ETP part at their global offsets, so a checkpoint
+        loads under another EP/ETP layout. The data are the parameters themselves (the optimizer
+        state maps onto them); fc1's gate and up halves are separate shards under ETP."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
         n = len(sharded_offsets)
         expert_axis = (n, self.ep_group.rank(), self.ep_group.size())
         etp_rank, etp = self.tp_group.rank(), self.tp_group.size()
         dp_rank = self.dp_group.rank() if self.dp_group is not None else parallel_state.get_expert_data_parallel_rank()
-        fc1 = self.fc1_weight.view(self.num_local_experts, 2, self.ffn_local, self.fc1_weight.shape[-1])
-        out = {}
-        for key, data in (("fc1_weight", fc1), ("fc2_weight", self.fc2_weight)):
-            offsets = [*sharded_offsets, expert_axis]
-            if etp > 1:
-                offsets.append((n + 2, etp_rank, etp))  # fc1: the I axis of [E, 2, I, H]; fc2: [E, H, I]
-            out[f"{prefix}{key}"] = ShardedTensor.from_rank_offsets(
-                f"{prefix}{key}", data, *offsets, replica_id=(0, 0, dp_rank))
+        replica = (0, 0, dp_rank)
+        fc1_key, fc2_key = f"{prefix}fc1_weight", f"{prefix}fc2_weight"
+        fc2_offsets = [*sharded_offsets, expert_axis] + ([(n + 2, etp_rank, etp)] if etp > 1 else [])
+        out = {fc2_key: ShardedTensor.from_rank_offsets(fc2_key, self.fc2_weight, *fc2_offsets, replica_id=replica)}
+        if etp == 1:
+            out[fc1_key] = ShardedTensor.from_rank_offsets(fc1_key, self.fc1_weight, *sharded_offsets, expert_axis,
+                                                           replica_id=replica)
+            return out
+
+        def build(key, t, replica_id, flattened_range):
+            gate, up = t.chunk(2, dim=1)
+            return [ShardedTensor.from_rank_offsets(key, half, *sharded_offsets, expert_axis,
+                                                    (n + 1, which * etp + etp_rank, 2 * etp), replica_id=replica_id)
+                    for which, half in enumerate((gate, up))]
+
+        def merge(halves):
+            return torch.cat(halves, dim=1)
+
+        out[fc1_key] = ShardedTensorFactory(fc1_key, self.fc1_weight, build, merge, replica)
         return out
