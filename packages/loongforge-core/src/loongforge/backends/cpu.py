@@ -24,7 +24,10 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
    check is what runs. ``reduce_scatter_tensor``/``all_gather_into_tensor`` (sequence
    parallelism, the distributed optimizer, our context parallelism) need nothing.
 
-All four are undone when the context exits. ``tests/parallel/test_collectives.py`` checks the
+5. ``all_to_all_single`` accepts its split sizes as tensors (:func:`cpu_all_to_all_single`):
+   megatron-core's MoE all-to-all dispatcher turns them into host arrays only for GPU tensors.
+
+All five are undone when the context exits. ``tests/parallel/test_collectives.py`` checks the
 collectives (gloo's and the supplied ones) in two gloo processes; the parity tests next to it
 fail when a megatron-core upgrade needs another adaptation.
 """
@@ -129,6 +132,23 @@ def gloo_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         return _native_all_reduce(tensor, op=op, group=group, async_op=async_op)
     work = _native_all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
     return _finish(work, lambda: tensor.div_(dist.get_world_size(group)), async_op)
+
+
+_native_all_to_all_single = dist.all_to_all_single
+
+
+def _split_list(sizes):
+    return sizes if sizes is None or isinstance(sizes, list) else [int(n) for n in sizes.tolist()]
+
+
+def cpu_all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          async_op=False):
+    """``torch.distributed.all_to_all_single`` taking the split sizes as tensors too: megatron-core's
+    MoE all-to-all dispatcher computes them as device tensors and moves them to host numpy arrays
+    only when they live on a GPU, so on the CPU they reach torch as tensors, which its binding
+    rejects. Converted to lists of ints; the collective itself is torch's (gloo has all-to-all)."""
+    return _native_all_to_all_single(output, input, _split_list(output_split_sizes), _split_list(input_split_sizes),
+                                     group=group, async_op=async_op)
 
 
 class _HostStream:
@@ -245,6 +265,7 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
             stack.enter_context(mock.patch.object(dist, "reduce_scatter", gloo_reduce_scatter))
             stack.enter_context(mock.patch.object(dist, "all_reduce", gloo_all_reduce))
+            stack.enter_context(mock.patch.object(dist, "all_to_all_single", cpu_all_to_all_single))
             stack.enter_context(_CpuDeviceMode())
             yield self
 

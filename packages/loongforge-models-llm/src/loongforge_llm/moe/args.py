@@ -123,7 +123,10 @@ def moe_layer_pattern(num_layers: int, decoder_sparse_step: int, mlp_only_layers
 
 
 def parse_moe_args(section: dict[str, Any], num_layers: int) -> MoEArgs:
-    """The MoE fields of a Qwen-MoE style section."""
+    """The MoE fields of a Qwen-MoE style section (transformers 5 writes ``num_experts`` as
+    ``num_local_experts`` in config.json; either is read)."""
+    if section.get("num_experts") is None and section.get("num_local_experts") is not None:
+        section = {**section, "num_experts": section["num_local_experts"]}
     experts = _positive_int(section, "num_experts")
     top_k = _positive_int(section, "num_experts_per_tok")
     if top_k > experts:
