@@ -35,7 +35,7 @@ FOUR_PROCESS = {
     "ep2_pp2": ["parallel.ep=2", "parallel.pp=2"],
 }
 RUN_YAML = {
-    "train": {"steps": STEPS, "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 4},
+    "train": {"steps": STEPS, "seq_length": 32, "micro_batch_size": 1, "global_batch_size": 4},
     "scheduler": {"warmup_steps": 0},
     "logging": {"progress": False, "tensorboard": False, "loss_curve": False},
     "checkpoint": {"save_final": False, "load": None},

@@ -33,3 +33,17 @@ def loongforge_register_models():
 @hookimpl
 def loongforge_config_dirs():
     return [ConfigDir(path="pkg://loongforge_llm.configs", provider="llm")]
+
+
+@hookimpl
+def loongforge_on_train_start(trainer):
+    from loongforge_llm.moe.metrics import on_train_start
+
+    on_train_start(trainer)
+
+
+@hookimpl
+def loongforge_on_step_end(trainer, step, metrics):
+    from loongforge_llm.moe.metrics import on_step_end
+
+    on_step_end(trainer, step, metrics)
