@@ -15,7 +15,7 @@ from loongforge.registry import load_object
 def run_settings(cfg) -> RunSettings:
     p, t = cfg.parallel, cfg.train
     return RunSettings(
-        tp=p.tp, pp=p.pp, vpp=p.vpp if (p.vpp or 1) > 1 else None, cp=p.cp,
+        tp=p.tp, pp=p.pp, vpp=p.vpp if (p.vpp or 1) > 1 else None, cp=p.cp, ep=p.ep, etp=p.etp,
         sequence_parallel=p.sequence_parallel, bf16=t.precision == "bf16", seq_length=t.seq_length,
         recompute_granularity=t.recompute.granularity, recompute_method=t.recompute.method,
         recompute_num_layers=t.recompute.num_layers,
