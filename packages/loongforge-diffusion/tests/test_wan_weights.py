@@ -59,7 +59,7 @@ def test_tp_shards_merge_back():
     ref = reference(A14B)
     full = m.hf_to_ours(ref.state_dict().__getitem__)
     shards = [m.hf_to_ours(ref.state_dict().__getitem__, r, 2) for r in range(2)]
-    assert shards[0]["blocks.0.self_attn.linear_q.weight"].shape == (12, 24)
+    assert shards[0]["blocks.0.self_attn.linear_qkv.weight"].shape == (36, 24)
     assert shards[0]["blocks.0.self_attn.linear_proj.weight"].shape == (24, 12)
     assert shards[0]["blocks.0.self_attn.norm_q.weight"].shape == (12,)
     for name, t in full.items():

@@ -12,8 +12,10 @@ projected back. Per block:
 q and k are RMS-normalised across all heads (``qk_norm="rms_norm_across_heads"``). The timestep is
 one per sample (``[B]``) or one per token (``[B, S]``, Wan2.2 TI2V's ``expand_timesteps``).
 
-Tensor parallelism: q/k/v and the MLP's first linear are megatron-core ``ColumnParallelLinear``
-(heads / FFN channels split over TP ranks), the attention output and second MLP linear
+Tensor parallelism: the self-attention's fused ``linear_qkv`` (megatron-core's layout, per head
+``[q_h; k_h; v_h]``), the cross-attention's ``linear_q`` and fused ``linear_kv`` (``[k_r; v_r]`` per
+rank) and the MLP's first linear are megatron-core ``ColumnParallelLinear`` (heads / FFN channels
+split over TP ranks), the attention output and second MLP linear
 ``RowParallelLinear``; the q/k RMSNorm across heads all-reduces its sum of squares over TP. The
 embeddings, modulation tables and output head are replicated. Context parallelism (Ulysses, over
 video tokens) is in :mod:`loongforge_diffusion.wan.context_parallel`.
@@ -79,12 +81,15 @@ class Attention(MegatronModule):
         self.local_heads, self.head_dim = wan.num_attention_heads // tp, wan.attention_head_dim
         init = config.init_method
 
-        def col(name, in_dim=dim):
+        def col(name, out_dim, in_dim=dim):
             setattr(self, name, tensor_parallel.ColumnParallelLinear(
-                in_dim, dim, config=config, init_method=init, bias=True, gather_output=False, tp_group=tp_group))
+                in_dim, out_dim, config=config, init_method=init, bias=True, gather_output=False, tp_group=tp_group))
 
-        for name in ("linear_q", "linear_k", "linear_v"):
-            col(name)
+        if cross:  # q from the video tokens; k and v from the context, fused as [k_r; v_r] per TP rank
+            col("linear_q", dim)
+            col("linear_kv", 2 * dim)
+        else:  # fused q/k/v, per head [q_h; k_h; v_h] (megatron-core's linear_qkv layout with groups = heads)
+            col("linear_qkv", 3 * dim)
         self.linear_proj = tensor_parallel.RowParallelLinear(
             dim, dim, config=config, init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
             skip_bias_add=False, tp_group=tp_group)
@@ -94,8 +99,7 @@ class Attention(MegatronModule):
         self.norm_k = HeadsRMSNorm(local, dim, wan.eps, tp_group) if qk else None
         self.image_branch = image_branch
         if image_branch:
-            col("linear_k_img", wan.added_kv_proj_dim)  # the embedded image features (hidden in Wan2.1)
-            col("linear_v_img", wan.added_kv_proj_dim)
+            col("linear_kv_img", 2 * dim, wan.added_kv_proj_dim)  # the embedded image features
             self.norm_k_img = HeadsRMSNorm(local, dim, wan.eps, tp_group) if qk else None
         #: Ulysses context-parallel group (set by ``context_parallel.enable``); None: off
         self.cp_group = None
@@ -109,9 +113,12 @@ class Attention(MegatronModule):
         return out.transpose(1, 2)
 
     def forward(self, x, context=None, rope=None, mask=None, context_image=None):
-        q = self.linear_q(x)[0]
-        src = x if not self.cross else context
-        k, v = self.linear_k(src)[0], self.linear_v(src)[0]
+        if self.cross:
+            q = self.linear_q(x)[0]
+            k, v = self.linear_kv(context)[0].chunk(2, dim=-1)
+        else:
+            q, k, v = self.linear_qkv(x)[0].unflatten(-1, (self.local_heads, 3, self.head_dim)).unbind(-2)
+            q, k, v = q.flatten(-2), k.flatten(-2), v.flatten(-2)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
@@ -124,10 +131,10 @@ class Attention(MegatronModule):
         else:
             out = self._attend(q, k, v, mask)
         if self.image_branch and context_image is not None:
-            ki = self.linear_k_img(context_image)[0]
+            ki, vi = self.linear_kv_img(context_image)[0].chunk(2, dim=-1)
             if self.norm_k_img is not None:
                 ki = self.norm_k_img(ki)
-            out = out + self._attend(q, self._heads(ki), self._heads(self.linear_v_img(context_image)[0]), None)
+            out = out + self._attend(q, self._heads(ki), self._heads(vi), None)
         return self.linear_proj(out.flatten(-2))[0]
 
 

@@ -1,8 +1,10 @@
 """diffusers ``WanTransformer3DModel`` <-> our :class:`~loongforge_diffusion.wan.model.WanDiT` weights.
 
-A declarative list of :class:`loongforge.weight_mapping.Rename` rules (the core's mapping, so TP
-sharding and lazy per-rank reads come with it): one rule per parameter, ``{i}`` = block. Column-
-parallel weights and biases (q/k/v, MLP in) and the q/k norms split on dim 0, row-parallel weights
+A declarative list of the core's :mod:`loongforge.weight_mapping` rules (so TP sharding and lazy
+per-rank reads come with it): one rule per parameter, ``{i}`` = block. The self-attention's q/k/v
+are megatron's fused ``linear_qkv`` (``FusedQKV`` with one group per head), the cross-attention's
+k/v a fused ``[k; v]`` (``FusedGateUp``: ``[k_r; v_r]`` on TP rank r). Column-parallel weights and
+biases (q/k/v, MLP in) and the q/k norms split on dim 0, row-parallel weights
 (attention out, MLP out) on dim 1; everything else is replicated.
 
 Checkpoint files: a diffusers transformer folder holds ``config.json`` and
@@ -17,7 +19,7 @@ import os
 from pathlib import Path
 
 import torch
-from loongforge.weight_mapping import Rename, WeightMapping
+from loongforge.weight_mapping import FusedGateUp, FusedQKV, Rename, WeightMapping
 
 from loongforge_diffusion.wan.config import WanConfig
 
@@ -45,18 +47,27 @@ def rules(wan: WanConfig) -> list[Rename]:
         r += _wb("image_embedder.linear_1", f"{pre}.ff.net.0.proj") + _wb("image_embedder.linear_2", f"{pre}.ff.net.2")
         if wan.pos_embed_seq_len is not None:
             r.append(Rename(ours="image_embedder.pos_embed", hf=f"{pre}.pos_embed"))
+    heads, d = wan.num_attention_heads, wan.attention_head_dim
+    for part in ("weight", "bias"):  # self-attention: megatron's fused linear_qkv, one group per head
+        h = "blocks.{i}.attn1"
+        r.append(FusedQKV(ours=f"blocks.{{i}}.self_attn.linear_qkv.{part}", hf_q=f"{h}.to_q.{part}",
+                          hf_k=f"{h}.to_k.{part}", hf_v=f"{h}.to_v.{part}", num_heads=heads,
+                          num_query_groups=heads, head_dim=d))
+    r += _wb("blocks.{i}.cross_attn.linear_q", "blocks.{i}.attn2.to_q", 0, 0)
+    kv_pairs = [("linear_kv", "to_k", "to_v")]
+    if wan.added_kv_proj_dim is not None:
+        kv_pairs.append(("linear_kv_img", "add_k_proj", "add_v_proj"))
+    for ours, k, v in kv_pairs:  # cross-attention k/v fused as [k_r; v_r] per TP rank
+        for part in ("weight", "bias"):
+            r.append(FusedGateUp(ours=f"blocks.{{i}}.cross_attn.{ours}.{part}", hf_gate=f"blocks.{{i}}.attn2.{k}.{part}",
+                                 hf_up=f"blocks.{{i}}.attn2.{v}.{part}"))
     for ours, hf in (("self_attn", "attn1"), ("cross_attn", "attn2")):
         o, h = f"blocks.{{i}}.{ours}", f"blocks.{{i}}.{hf}"
-        for q in ("q", "k", "v"):
-            r += _wb(f"{o}.linear_{q}", f"{h}.to_{q}", 0, 0)
         r += _wb(f"{o}.linear_proj", f"{h}.to_out.0", 1, None)
         if wan.qk_norm is not None:
             r += _wb(f"{o}.norm_q", f"{h}.norm_q", 0, bias=False) + _wb(f"{o}.norm_k", f"{h}.norm_k", 0, bias=False)
-    if wan.added_kv_proj_dim is not None:
-        o, h = "blocks.{i}.cross_attn", "blocks.{i}.attn2"
-        r += _wb(f"{o}.linear_k_img", f"{h}.add_k_proj", 0, 0) + _wb(f"{o}.linear_v_img", f"{h}.add_v_proj", 0, 0)
-        if wan.qk_norm is not None:
-            r += _wb(f"{o}.norm_k_img", f"{h}.norm_added_k", 0, bias=False)
+    if wan.added_kv_proj_dim is not None and wan.qk_norm is not None:
+        r += _wb("blocks.{i}.cross_attn.norm_k_img", "blocks.{i}.attn2.norm_added_k", 0, bias=False)
     if wan.cross_attn_norm:
         r += _wb("blocks.{i}.cross_attn_norm", "blocks.{i}.norm2")
     r += _wb("blocks.{i}.mlp.linear_fc1", "blocks.{i}.ffn.net.0.proj", 0, 0)
