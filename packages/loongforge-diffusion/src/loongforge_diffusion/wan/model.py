@@ -55,8 +55,17 @@ class HeadsRMSNorm(torch.nn.Module):
 
     def __init__(self, local_dim: int, full_dim: int, eps: float, tp_group=None):
         super().__init__()
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
         self.weight = torch.nn.Parameter(torch.ones(local_dim))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)  # split over TP like the heads
         self.full_dim, self.eps, self.tp_group = full_dim, eps, tp_group
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
+                                                   sharded_offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -238,11 +247,14 @@ class WanDiT(MegatronModule):
                                  f"size {p} (config key 'model.patch_size' = {list(self.wan.patch_size)})")
         return tuple(n // p for n, p in zip(sizes, self.wan.patch_size, strict=True))
 
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` -> ``[B, f*h*w, C*pt*ph*pw]`` (tokens frame-major, channels C-major)."""
+    def patchify(self, latents: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """``[B, C, F, H, W]`` -> ``[B, f*h*w, C*pt*ph*pw]`` (tokens frame-major). Within a patch
+        the input embedding reads channels first; ``channels_last`` gives the output layout
+        (``pt*ph*pw*C``, what :meth:`unpatchify` takes), e.g. for a loss on tokens."""
         (f, h, w), (pt, ph, pw) = self.grid(latents.shape), self.wan.patch_size
         b, c = latents.shape[:2]
-        x = latents.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = latents.reshape(b, c, f, pt, h, ph, w, pw)
+        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1) if channels_last else x.permute(0, 2, 4, 6, 1, 3, 5, 7)
         return x.reshape(b, f * h * w, c * pt * ph * pw)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -265,9 +277,17 @@ class WanDiT(MegatronModule):
         return self.text_embedder["linear_2"](F.gelu(self.text_embedder["linear_1"](context), approximate="tanh"))
 
     # --- forward -----------------------------------------------------------------------------------
-    def forward(self, latents, timestep, context, context_image=None):
+    def forward(self, latents, timestep, context, context_image=None, *, positions=None, self_mask=None,
+                cross_mask=None):
         """Velocity prediction ``[B, C_out, F, H, W]`` for noisy ``latents`` ``[B, C_in, F, H, W]``,
-        ``timestep`` ``[B]`` or ``[B, f*h*w]`` (0..1000) and text embeddings ``context`` ``[B, L, text_dim]``."""
+        ``timestep`` ``[B]`` or ``[B, f*h*w]`` (0..1000) and text embeddings ``context`` ``[B, L, text_dim]``.
+
+        With ``positions`` given, ``latents`` are patch tokens and this is :meth:`forward_tokens`
+        (the trainer's path: packing and context parallelism live on tokens).
+        """
+        if positions is not None:
+            return self.forward_tokens(latents, positions, timestep, context, self_mask=self_mask,
+                                       cross_mask=cross_mask, context_image=context_image)
         grid = self.grid(latents.shape)
         positions = grid_positions(*grid, device=latents.device).expand(latents.shape[0], -1, -1)
         out = self.forward_tokens(self.patchify(latents), positions, timestep, context, context_image=context_image)
