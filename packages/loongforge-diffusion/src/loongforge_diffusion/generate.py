@@ -32,7 +32,7 @@ def sample_video(dits, wan, encoders, null_text, prompt: str, *, num_frames: int
                  steps: int, guidance: float, shift: float, solver: str, seed: int) -> np.ndarray:
     """``[F, H, W, 3]`` uint8 frames for ``prompt``."""
     from loongforge_diffusion.sampler import route_experts, sample
-    from loongforge_diffusion.task import latent_grid
+    from loongforge_diffusion.wan.flops import latent_grid
 
     for d in dits:
         d.eval()
