@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from loongforge.config import ConfigError
 from loongforge.data.errors import DataError
 from loongforge_diffusion.data.encoders import Encoders
 from loongforge_diffusion.data.latents import LatentDataset, preprocess
@@ -59,7 +60,7 @@ def test_bad_inputs_name_the_file(clips, tmp_path):
     ds = VideoCaptionDataset([clips], num_frames=10, buckets=[[48, 64]])
     with pytest.raises(VideoError, match=r"clip_00000.mp4: too few frames"):
         ds[0]
-    with pytest.raises(DataError, match=r"diffusion.buckets.*\[40, 64\].*16"):
+    with pytest.raises(ConfigError, match=r"diffusion.buckets.*\[40, 64\].*16"):
         check_buckets([[48, 64], [40, 64]], 16)
 
 

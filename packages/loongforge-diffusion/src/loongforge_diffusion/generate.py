@@ -110,6 +110,17 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, out: str, *, steps: i
         return sample_to_file(task.dits, task.wan, assets["latents"], cfg.diffusion, prompt, out, seed=seed)
 
 
+def generate(checkpoint: str, *, prompt: str | None, output: str | None, seed: int = 0,
+             num_steps: int | None = None) -> str:
+    """``loongforge generate CKPT --prompt TEXT --output x.gif [--steps N]`` for a ``wan_pretrain`` checkpoint."""
+    from loongforge.config import ConfigError
+
+    if not prompt:
+        raise ConfigError("generate: a Wan checkpoint needs --prompt (the text to condition on)")
+    out = output or "sample.gif"
+    return str(generate_from_checkpoint(checkpoint, prompt, out, steps=num_steps, seed=seed))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loongforge_diffusion.generate", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a run's checkpoints directory or one step directory")

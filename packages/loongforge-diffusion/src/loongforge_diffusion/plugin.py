@@ -1,4 +1,5 @@
-"""Entry point of ``loongforge-diffusion``: registers the Wan DiT's configs, converters and tasks.
+"""Entry point of ``loongforge-diffusion``: the ``wan_pretrain`` task, its ``diffusion`` config section,
+the Wan size configs and the diffusers <-> ours converters.
 
 Importing this module imports no torch (discovery imports every plugin).
 """
@@ -6,9 +7,22 @@ Importing this module imports no torch (discovery imports every plugin).
 from __future__ import annotations
 
 from loongforge import hookimpl
-from loongforge.registry import CheckpointConverter, ConfigDir
+from loongforge.registry import CheckpointConverter, ConfigDir, ConfigSection, Task
 
-LOONGFORGE_API_VERSION = "1.0"
+LOONGFORGE_API_VERSION = "1.1"
+
+
+@hookimpl
+def loongforge_register_tasks():
+    return [Task(name="wan_pretrain", task="loongforge_diffusion.task:WanTask",
+                 generate="loongforge_diffusion.generate:generate",
+                 description="flow-matching training of a Wan DiT on video latents (writes a sample video)")]
+
+
+@hookimpl
+def loongforge_register_config_sections():
+    return [ConfigSection(name="diffusion", schema="loongforge_diffusion.schema:DiffusionConfig",
+                          description="Wan data, preprocessing, flow matching, packing, sampling")]
 
 
 @hookimpl

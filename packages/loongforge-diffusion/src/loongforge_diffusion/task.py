@@ -156,7 +156,7 @@ class WanTask(TrainTask):
         model = model.to(self.rt.backend.device())
         apply_lora_config([model], cfg)
         self.dits = dits
-        return wrap_precision([model], config, cfg)
+        return wrap_precision([model], config, bf16)
 
     def _load_pretrained(self, dits, path: Path) -> None:
         from megatron.core import parallel_state
@@ -217,8 +217,8 @@ class WanTask(TrainTask):
                 "seed": [int(s["seed"]) for s in samples]}
 
     # --- one micro-batch ---------------------------------------------------------------------------
-    def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
-        """(model kwargs on the device, target, coef, number of samples this rank counts)."""
+    def model_inputs(self, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor, int]:
+        """(model kwargs on the device, target, coef, number of samples in the micro-batch)."""
         from megatron.core import parallel_state
 
         from loongforge_diffusion.batching import assemble, sample_tokens, split_for_cp
@@ -235,18 +235,22 @@ class WanTask(TrainTask):
                   "context": packed["context"].to(dev), "positions": packed["positions"].to(dev),
                   "self_mask": None if packed["self_mask"] is None else packed["self_mask"].to(dev),
                   "cross_mask": None if packed["cross_mask"] is None else packed["cross_mask"].to(dev)}
-        return kwargs, packed["target"].to(dev), packed["coef"].to(dev), len(items) / cp
+        return kwargs, packed["target"].to(dev), packed["coef"].to(dev), len(items)
 
     def forward_step(self, batch: dict, model):
         from loongforge_diffusion.batching import token_loss_sum
 
         kwargs, target, coef, count = self.model_inputs(batch)
         output = model(kwargs.pop("latents"), kwargs.pop("timestep"), kwargs.pop("context"), **kwargs)
+        # Under CP each rank holds part of every sample's tokens but counts all its samples (the
+        # count must be an integer); megatron sums counts and gradients over dp x cp, so the
+        # partial loss is scaled by cp: sum over CP ranks = cp x (the samples' loss), / (cp x count).
+        cp = self.cfg.parallel.cp
 
         def loss_fn(out):
-            loss_sum = token_loss_sum(out, target, coef)
-            n = torch.tensor(count, dtype=torch.float32, device=loss_sum.device)
-            return loss_sum, n, {"loss_sum": loss_sum.detach(), "tokens": n}
+            loss_sum = token_loss_sum(out, target, coef) * cp
+            n = torch.tensor(count, dtype=torch.int, device=loss_sum.device)
+            return loss_sum, n, {"loss_sum": loss_sum.detach().clone(), "tokens": n}
 
         return output, loss_fn
 

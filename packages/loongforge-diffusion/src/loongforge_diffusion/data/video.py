@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from loongforge.config import ConfigError
 from loongforge.data.errors import DataError
 
 
@@ -118,10 +119,10 @@ def resize_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def check_buckets(buckets, multiple: int) -> None:
     """Each bucket's height and width must be divisible by VAE compression x patch size."""
     if not buckets:
-        raise DataError("config key 'diffusion.buckets': give at least one [height, width]")
+        raise ConfigError("config key 'diffusion.buckets': give at least one [height, width]")
     for b in buckets:
         if len(b) != 2 or any(int(x) % multiple for x in b):
-            raise DataError(f"config key 'diffusion.buckets': {list(b)} is not divisible by {multiple} "
+            raise ConfigError(f"config key 'diffusion.buckets': {list(b)} is not divisible by {multiple} "
                             "(VAE spatial compression x patch size)")
 
 
