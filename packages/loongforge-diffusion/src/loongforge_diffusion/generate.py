@@ -107,6 +107,10 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, out: str, *, steps: i
         task = WanTask(cfg, rt)
         chunks = task.build_model()
         load_checkpoint(step_dir, chunks, None, rt.backend, load_rng=False)
+        if cfg.diffusion.get("ema_decay"):
+            from loongforge_diffusion.ema import load_ema_into
+
+            load_ema_into(task.module, root)  # the EMA written with the latest checkpoint
         return sample_to_file(task.dits, task.wan, assets["latents"], cfg.diffusion, prompt, out, seed=seed)
 
 

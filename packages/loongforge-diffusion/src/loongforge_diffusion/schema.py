@@ -32,6 +32,7 @@ class DiffusionConfig:
     # --- model execution ---------------------------------------------------------------------------
     packing: bool = False             # pack a micro-batch's clips into one sequence (per-clip masks)
     recompute: bool = False           # recompute each block's activations in backward
+    ema_decay: float = 0.0            # >0: keep an EMA of the weights (saved as ema.safetensors)
     # --- sampling (end of run, generate) -------------------------------------------------------------
     sample_at_end: bool = True
     sample_prompt: str = "a red square moving right on a blue background"

@@ -14,7 +14,7 @@ model, the data and the loss (``loongforge.task.TrainTask``). Order of work:
    low-noise experts in one chunk, each sample routed by its timestep), pretrained diffusers
    weights (``model.pretrained``), LoRA (``peft.lora``), recompute, Ulysses CP, bf16 wrapping.
 4. ``forward_step``: tokens (stacked or packed, CP-split) -> velocity -> summed weighted MSE over
-   samples (``unit = "samples"``).
+   samples (``unit = "samples"``); after each optimizer step the EMA (``diffusion.ema_decay``).
 5. ``summarize``: a short sample video (gif/mp4) from the trained model.
 
 MFU: :meth:`flops_per_unit` (the formula: :func:`loongforge_diffusion.wan.flops.wan_flops_per_sample`).
@@ -114,6 +114,10 @@ class WanTask(TrainTask):
         if wan.num_attention_heads % (p.tp * p.cp):
             raise ConfigError(f"config key 'parallel.cp': {wan.num_attention_heads} heads are not divisible by "
                               f"tp x cp = {p.tp * p.cp}")
+        if not 0.0 <= d.ema_decay < 1.0:
+            raise ConfigError(f"config key 'diffusion.ema_decay' = {d.ema_decay}: must be in [0, 1)")
+        if d.ema_decay and p.tp > 1:
+            raise ConfigError("config key 'diffusion.ema_decay': the EMA is kept for tp = 1 only")
         if not d.manifests and d.synthetic_clips < 1 and not d.latents:
             raise ConfigError("config key 'diffusion.manifests': give video manifests, diffusion.latents or "
                               "diffusion.synthetic_clips")
@@ -127,6 +131,7 @@ class WanTask(TrainTask):
         self.flow = FlowMatching.from_config(cfg.diffusion, self.wan.boundary_ratio)
         self.dits: list = []
         self.null_text = None
+        self.ema = None
 
     # --- model -------------------------------------------------------------------------------------
     def _two_experts(self) -> bool:
@@ -155,7 +160,7 @@ class WanTask(TrainTask):
         model = _experts_class()(*dits, self.wan.boundary_ratio) if len(dits) == 2 else dits[0]
         model = model.to(self.rt.backend.device())
         apply_lora_config([model], cfg)
-        self.dits = dits
+        self.dits, self.module = dits, model
         return wrap_precision([model], config, bf16)
 
     def _load_pretrained(self, dits, path: Path) -> None:
@@ -264,12 +269,25 @@ class WanTask(TrainTask):
         pt, ph, pw = self.wan.patch_size
         return wan_flops_per_sample(self.wan, (f // pt) * (h // ph) * (w // pw), self.wan.text_len)
 
+    def on_train_start(self, trainer) -> None:
+        from loongforge_diffusion.ema import EMA
+
+        if self.cfg.diffusion.ema_decay > 0:
+            self.ema = EMA(self.module, self.cfg.diffusion.ema_decay)
+
+    def step_metrics(self) -> dict[str, float]:
+        if self.ema is not None:  # called after each optimizer step
+            self.ema.update()
+        return {}
+
     def save_extra(self, ckpt_dir) -> None:
         import json
 
         from loongforge_diffusion.wan.weights import save_wan_config
 
         save_wan_config(self.wan, ckpt_dir)
+        if self.ema is not None:
+            self.ema.save(ckpt_dir)
         (Path(ckpt_dir) / "diffusion_assets.json").write_text(json.dumps({"latents": str(self.latents_folder().resolve())}))
 
     def summarize(self, result: dict) -> dict:
@@ -281,6 +299,11 @@ class WanTask(TrainTask):
             return result
         from loongforge_diffusion.generate import sample_to_file
 
+        if self.ema is not None:  # sample with the averaged weights
+            from loongforge_diffusion.ema import load_ema_into
+
+            self.ema.save(Path(self.cfg.output_dir))
+            load_ema_into(self.module, Path(self.cfg.output_dir))
         out = Path(self.cfg.output_dir) / "samples" / f"sample.{d.sample_format}"
         sample_to_file(self.dits, self.wan, self.latents_folder(), d, d.sample_prompt, out, seed=self.cfg.seed)
         print(f"sample: {out}")
