@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from loongforge_embodied.pi05.config import GemmaSize
 from torch import nn
+
+from loongforge_embodied.pi05.config import GemmaSize
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,6 +17,9 @@ import re
 
 import torch
 import torch.nn.functional as F
+from loongforge_vlm.components.siglip import SiglipArgs, SiglipViT
+from torch import nn
+
 from loongforge_embodied.pi05.config import PiConfig
 from loongforge_embodied.pi05.layers import (
     GemmaLayer,
@@ -26,8 +29,6 @@ from loongforge_embodied.pi05.layers import (
     make_norm,
     rope,
 )
-from loongforge_vlm.components.siglip import SiglipArgs, SiglipViT
-from torch import nn
 
 
 class VisionTower(nn.Module):
