@@ -75,7 +75,7 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, *, chunk_size: int = 50, cameras: list[str] | None = None,
                  state_key: str = "observation.state", action_key: str = "action",
-                 normalization: str = "quantiles", episodes: list[int] | None = None, cache_episodes: int = 4):
+                 normalization: str = "quantiles", episodes: list[int] | None = None, cache_episodes: int = 16):
         self.root = Path(root)
         self.chunk_size = chunk_size
         info_path = self.root / "meta/info.json"
