@@ -6,7 +6,7 @@ from __future__ import annotations
 from loongforge import hookimpl
 from loongforge.registry import Backend, DatasetType, Task, TokenizerType
 
-LOONGFORGE_API_VERSION = "1.0"
+LOONGFORGE_API_VERSION = "1.1"
 
 
 @hookimpl
@@ -17,9 +17,9 @@ def loongforge_register_backends():
 
 @hookimpl
 def loongforge_register_tasks():
-    return [Task(name="pretrain", run="loongforge.trainer.loop:run_pretrain",
+    return [Task(name="pretrain", task="loongforge.trainer.lm:PretrainTask",
                  description="pre-training / continued pre-training of a causal LM"),
-            Task(name="sft", run="loongforge.trainer.sft:run_sft",
+            Task(name="sft", task="loongforge.trainer.sft:SFTTask",
                  description="supervised fine-tuning on conversations (chat templates, packing, LoRA)")]
 
 

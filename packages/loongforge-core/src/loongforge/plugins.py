@@ -143,6 +143,7 @@ _REGISTRY_HOOKS = {
     "kernels": "loongforge_register_kernels",
     "tasks": "loongforge_register_tasks",
     "backends": "loongforge_register_backends",
+    "config_sections": "loongforge_register_config_sections",
 }
 
 

@@ -65,9 +65,26 @@ def _check_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> None:
             _check_keys(sub, sub_schema, full + ".")
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Merge ``cfg`` into the schema: unknown keys and wrong types fail naming the key."""
+def run_schema(registry=None) -> DictConfig:
+    """The run config's schema: the core's sections plus the plugins' registered config sections."""
     schema = OmegaConf.structured(RunConfig)
+    if registry is not None and registry.config_sections:
+        from omegaconf import open_dict
+
+        from loongforge.registry import load_object
+
+        with open_dict(schema):
+            for name, section in registry.config_sections.items():
+                if name in schema:
+                    raise ConfigError(f"config section {name!r} of a plugin clashes with the core's section")
+                schema[name] = OmegaConf.structured(load_object(section.schema))
+    return schema
+
+
+def validate(cfg: DictConfig, registry=None) -> DictConfig:
+    """Merge ``cfg`` into the schema (with the plugins' sections from ``registry``): unknown keys
+    and wrong types fail naming the key."""
+    schema = run_schema(registry)
     _check_keys(cfg, schema)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -111,7 +128,7 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(str(exc), name, search)) from exc
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    return validate(cfg)
+    return validate(cfg, registry)
 
 
 def _explain(message: str, name: str, search: list[str]) -> str:
