@@ -123,9 +123,18 @@ def row_ours(wan, grid, args):
         config = wan.transformer_config(bf16=True)
         model = Float16Module(config, WanDiT(wan, config).to(args.device))
         model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        backend = None
+        if args.device == "cuda":  # what the trainer does on the CUDA backend: weight gradients straight
+            from loongforge_cuda.backend import CudaBackend  # into the fp32 buffer, one-pass AdamW kernel
+            from loongforge_cuda.plugin import loongforge_register_kernels
+            from loongforge_kernels.plugin import KERNELS
+
+            backend = CudaBackend()
+            backend.configure_kernels([*KERNELS, *loongforge_register_kernels()], [])
+            backend.after_data_parallel([model])
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.01, clip_grad=1.0,
                                                      bf16=True, params_dtype=torch.bfloat16), [model])
-        use_fused_adam(opt)
+        use_fused_adam(opt, adamw_step=backend.kernel("adamw_step") if backend else None)
         x, target, ctx, _, t = inputs(wan, grid, args.mbs, args.text_len, args.device, 0)
 
         def step():

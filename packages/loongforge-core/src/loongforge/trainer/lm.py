@@ -30,9 +30,11 @@ class LanguageModelTask(TrainTask):
 
     @classmethod
     def resolve_config(cls, cfg, plugins):
-        from loongforge.trainer.model import resolve_model_section
+        from loongforge.trainer.model import model_provider, resolve_model_section
 
-        return resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes, validated first
+        cfg = resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes, validated first
+        model_provider(cfg, plugins)  # the family's provider checks the model section before any process group
+        return cfg
 
     def __init__(self, cfg, rt):
         from loongforge.data.tokenizer import check_vocab
@@ -93,9 +95,3 @@ class LanguageModelTask(TrainTask):
 class PretrainTask(LanguageModelTask):
     """The ``pretrain`` task: pre-training / continued pre-training of a causal LM."""
 
-
-def run_pretrain(cfg, plugins) -> dict:
-    """Train ``cfg`` as the ``pretrain`` task in this process."""
-    from loongforge.trainer.loop import train
-
-    return train(cfg, plugins, PretrainTask)

@@ -262,6 +262,13 @@ def train(cfg, plugins, task_cls: type[TrainTask]) -> dict:
         return task.summarize(Trainer(cfg, rt, task).fit())
 
 
+def run_pretrain(cfg, plugins) -> dict:
+    """Train ``cfg`` as the ``pretrain`` task in this process."""
+    from loongforge.trainer.lm import PretrainTask
+
+    return train(cfg, plugins, PretrainTask)
+
+
 def run(cfg, plugins) -> dict | None:
     """Run the task that ``cfg.task`` names: a trained :class:`TrainTask` or a plain ``run`` callable."""
     record = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)

@@ -64,10 +64,6 @@ def runtime(cfg, plugins):
     experts = m.get("num_experts") or m.get("num_local_experts") or m.get("n_routed_experts")
     layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
                              m.get("num_key_value_heads"), experts)
-    if m.get("family"):  # the family's provider checks the model section before any process group
-        from loongforge.trainer.model import model_provider
-
-        model_provider(cfg, plugins)
     with backend.activate(local_rank), foreach_multi_tensor_ops():
         # a world of one rendezvous in memory: no port to race for with other runs on the machine
         store = None if launched else dist.HashStore()
