@@ -6,6 +6,7 @@ and CHANGELOG."""
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -118,3 +119,27 @@ def test_root_sdist_holds_only_the_meta_package(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in tar.getnames() if len(Path(n).parts) > 1}
     assert names - {".gitignore"} == {"pyproject.toml", "README.md", "LICENSE", "PKG-INFO"}, sorted(names)
+
+
+@pytest.mark.slow
+def test_release_script_bumps_builds_smokes_and_prints_the_tag(tmp_path):
+    """``scripts/release.py PACKAGE --bump minor`` on a copy of the repository: the version moves
+    in pyproject.toml and uv.lock, the CHANGELOG gets the section, the wheel is built, installed in
+    a clean venv with the core and smoke-tested, and the tag command is printed."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__", "bench",
+                                                              "dist", "*.egg-info"))
+    name = "loongforge-embodied"
+    old = Version(_project(copy / "packages" / name)["project"]["version"])
+    new = f"{old.major}.{old.minor + 1}.0"
+    out = subprocess.run([sys.executable, str(copy / "scripts" / "release.py"), name, "--bump", "minor"], cwd=copy,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "UV_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert _project(copy / "packages" / name)["project"]["version"] == new
+    lock = tomllib.loads((copy / "uv.lock").read_text())
+    assert next(p for p in lock["package"] if p["name"] == name)["version"] == new
+    assert f"## {new} (" in (copy / "packages" / name / "CHANGELOG.md").read_text()
+    assert f"smoke ok: {name}" in out.stdout and f"git tag {name}-v{new}" in out.stdout
+    assert _project(REPO / "packages" / name)["project"]["version"] == str(old)  # the real tree is untouched
