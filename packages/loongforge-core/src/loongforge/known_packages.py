@@ -13,6 +13,7 @@ import re
 from importlib.metadata import PackageNotFoundError, distribution
 
 LLM, VLM, CKPT = "loongforge-models-llm", "loongforge-models-vlm", "loongforge-ckpt"
+DIFFUSION, EMBODIED = "loongforge-diffusion", "loongforge-embodied"
 CUDA, XPU, KERNELS = "loongforge-backend-cuda", "loongforge-backend-xpu", "loongforge-kernels"
 
 #: distribution -> the extra of the meta-package ``loongforge`` that installs it
@@ -32,13 +33,26 @@ EXTRAS = {
 #: ``components``, ``datasets``, ``tokenizers``, ``converters``, ``backends``).
 PROVIDERS: dict[str, dict[str, str]] = {
     "config": {
-        "default": LLM,
-        "sft_demo": LLM,
-        "qwen2_5_vl_tiny": VLM,
-        "llava_onevision_tiny": VLM,
         "custom_combined": VLM,
+        "default": LLM,
+        "internvl3_5_1b": VLM,
+        "internvl3_5_2b": VLM,
+        "internvl3_5_4b": VLM,
+        "internvl3_5_8b": VLM,
+        "llava_onevision_tiny": VLM,
+        "pi05_tiny": EMBODIED,
+        "qwen2_5_vl_tiny": VLM,
+        "qwen3_moe_tiny": LLM,
+        "qwen3_vl_2b": VLM,
+        "qwen3_vl_4b": VLM,
+        "qwen3_vl_8b": VLM,
+        "qwen3_vl_tiny": VLM,
+        "sft_demo": LLM,
+        "wan_tiny": DIFFUSION,
     },
     "config_group": {
+        "models/image_encoder": VLM,
+        "models/image_projector": VLM,
         "models/llama2": LLM,
         "models/llama3": LLM,
         "models/mimo": LLM,
@@ -46,23 +60,47 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "models/qwen2": LLM,
         "models/qwen2_5": LLM,
         "models/qwen3": LLM,
-        "models/image_encoder": VLM,
-        "models/image_projector": VLM,
+        "models/qwen3_moe": LLM,
+        "models/wan": DIFFUSION,
     },
-    "tasks": {"vlm_sft": VLM},
-    "models": {"llama": LLM, "mimo": LLM, "qwen2": LLM, "qwen3": LLM, "vlm": VLM},
+    "tasks": {
+        "vla_train": EMBODIED,
+        "vlm_sft": VLM,
+        "wan_pretrain": DIFFUSION,
+    },
+    "models": {
+        "llama": LLM,
+        "mimo": LLM,
+        "qwen2": LLM,
+        "qwen3": LLM,
+        "qwen3_moe": LLM,
+        "vlm": VLM,
+    },
     "components": {
         "internvit": VLM,
         "internvl_mlp": VLM,
         "llava_mlp": VLM,
         "qwen2_5_merger": VLM,
         "qwen2_5_vit": VLM,
+        "qwen3_merger": VLM,
+        "qwen3_vit": VLM,
         "siglip": VLM,
     },
-    "datasets": {},
-    "tokenizers": {"hf_vision": VLM},
-    "converters": {"hf-to-mcore": CKPT, "mcore-to-hf": CKPT},
-    "backends": {"cuda": CUDA, "xpu": XPU},
+    "datasets": {
+    },
+    "tokenizers": {
+        "hf_vision": VLM,
+    },
+    "converters": {
+        "hf-to-mcore": CKPT,
+        "mcore-to-hf": CKPT,
+        "wan-diffusers-to-ours": DIFFUSION,
+        "wan-ours-to-diffusers": DIFFUSION,
+    },
+    "backends": {
+        "cuda": CUDA,
+        "xpu": XPU,
+    },
 }
 
 
