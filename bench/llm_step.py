@@ -26,7 +26,12 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   fp32 parameters and AdamW states, bf16 autocast), fused AdamW; options in bench/torchtitan_row.py
   (``bf16``, ``compile``, ``mbs=N``, ...).
 - ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
-  ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
+  ``torch.optim.AdamW`` (bf16 parameters, gradients and states, torch's default foreach path).
+  Options: ``mbs=N``, ``gas=N``, ``fused`` (``AdamW(fused=True)``), ``ckpt`` (gradient
+  checkpointing), e.g. ``hf:fused:mbs=1:gas=2:ckpt``. A fair table has HF's best configuration
+  that fits and an HF row at the same micro-batch as ours.
+
+Every row states its precision recipe (master weights, gradients, AdamW moments) in the table.
 
 Each row draws fresh random tokens every step, runs ``--warmup`` steps, then times ``--steps``
 steps with CUDA events and reports the median. MFU = tokens/s x FLOPs/token / 989e12 with
@@ -336,10 +341,15 @@ def row_ours(section: dict, args, opts: dict) -> dict:
 
 
 def row_hf(section: dict, args, opts: dict) -> dict:
+    """HF Transformers in bf16 (parameters, gradients and AdamW moments all bf16, no fp32 master).
+    Options: ``mbs=N``, ``gas=N`` (N micro-batches per optimizer step, gradients summed in the bf16
+    ``.grad``), ``fused`` (``torch.optim.AdamW(fused=True)`` instead of torch's default foreach
+    path), ``ckpt`` (HF gradient checkpointing of every decoder layer, non-reentrant)."""
     import transformers
     from loongforge_llm.provider import LLMProvider
 
     mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
+    accumulate = int(opts.get("gas", 1))
     provider = LLMProvider(section)
     cfg = provider.hf_config()
     hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
@@ -347,22 +357,31 @@ def row_hf(section: dict, args, opts: dict) -> dict:
     model = transformers.AutoModelForCausalLM.from_config(
         hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16).to(args.device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    if opts.get("ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = bool(opts.get("fused"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
+                                  **({"fused": True} if fused else {}))
     vocab = provider.args.vocab_size
 
     def step():
-        tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total = 0.0
+        for _ in range(accumulate):
+            tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
+            loss = model(input_ids=tokens, labels=tokens).loss / accumulate  # HF shifts the labels itself
+            loss.backward()
+            total = total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         mid = clock.mark()
         optimizer.step()
-        return loss.detach(), mid
+        return total, mid
 
     clock = Clock(args.device == "cuda")
     result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
-    result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    result.update(tokens=accumulate * mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs,
+                  recipe="bf16 params (no master), grads bf16, moments bf16; AdamW "
+                         + ("fused" if fused else "foreach") + ("; ckpt all layers" if opts.get("ckpt") else ""))
     return result
 
 
