@@ -180,6 +180,8 @@ class PrecisionConfig:
     #: gradient buffer (DDP main_grad) dtype: fp32 | bf16
     main_grads_dtype: str = "fp32"
     fp8: FP8Config = field(default_factory=FP8Config)
+    #: the CUDA backend's layer spec: local (ours) | te (megatron-core's Transformer Engine spec, extra ``te``)
+    layer_spec: str = "local"
 
 
 @dataclass
