@@ -91,6 +91,9 @@ def scaled_gemm(a: Operand, b: Operand, out_dtype: torch.dtype = torch.bfloat16,
         return (dequantize(a) @ dequantize(b).t()).to(out_dtype)
     if impl != "scaled_mm":
         raise ValueError(f"scaled_gemm: impl must be scaled_mm or emulated, got {impl!r}")
+    if out_dtype == torch.float32 and a.kind == "row" and a.q.is_cuda:
+        # torch's CUDA rowwise kernels write bf16 only
+        return torch.nn.functional.scaled_mm(**scaled_mm_args(a, b), output_dtype=torch.bfloat16).float()
     return torch.nn.functional.scaled_mm(**scaled_mm_args(a, b), output_dtype=out_dtype)
 
 
