@@ -51,7 +51,8 @@ def test_quantize_rows_matches_reference(kt, triton_impl, dtype, m, k, group, fp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("m", "k", "group"), [(256, 40, 128), (256, 40, 256), (64, 7, 64), (96, 24, 32)])
+@pytest.mark.parametrize(("m", "k", "group"), [(256, 40, 128), (256, 40, 256), (64, 7, 64), (96, 24, 32),
+                                               (2048, 16, 2048)])  # the last: per-column scales by reduction
 def test_quantize_cols_is_transposed_rows(kt, triton_impl, dtype, m, k, group):
     x = _input(kt, m, k, dtype, seed=1)
     q, s = fp8.quantize_cols(x, group)

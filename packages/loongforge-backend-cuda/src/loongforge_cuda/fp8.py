@@ -112,7 +112,8 @@ class AdaptiveChooser:
         if key in self.choices:
             return self.choices[key]
         measure = self.measure or measure_candidate
-        report = {c: measure(c, m, n, k) for c in ("bf16", *RECIPES) if c == "bf16" or supports(c, m, n, k)}
+        with torch.enable_grad():  # the first call may come from an evaluation or a no-grad forward
+            report = {c: measure(c, m, n, k) for c in ("bf16", *RECIPES) if c == "bf16" or supports(c, m, n, k)}
         within = [c for c, (ms, err) in report.items() if c == "bf16" or err <= self.budget]
         best = min(within, key=lambda c: report[c][0])
         self.choices[key], self.reports[key] = best, report

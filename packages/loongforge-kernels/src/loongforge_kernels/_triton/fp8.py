@@ -76,8 +76,9 @@ def _rows_kernel(X, Q, S_INV, SCALE, M, K, group, n_groups, fmax,
 
 @triton.jit
 def _cols_kernel(X, Q, S_INV, SCALE, M, K, group, n_groups, fmax,
-                 HAS_SCALE: tl.constexpr, OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x [M, K] -> q [K, M] with groups of ``group`` rows of x (columns of q)."""
+                 SCALE_KIND: tl.constexpr, OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [M, K] -> q [K, M] with groups of ``group`` rows of x (columns of q). ``SCALE_KIND``: 0 the
+    program computes its group's scales, 1 one given scale, 2 given per-column scales (``SCALE[K]``)."""
     pid_k = tl.program_id(0)
     g = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -85,8 +86,10 @@ def _cols_kernel(X, Q, S_INV, SCALE, M, K, group, n_groups, fmax,
     rows = g * group + tl.arange(0, BLOCK_M)
     in_offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     out_offs = cols[None, :].to(tl.int64) * M + rows[:, None]
-    if HAS_SCALE:
+    if SCALE_KIND == 1:
         scale = tl.zeros([1, BLOCK_K], tl.float32) + tl.load(SCALE)
+    elif SCALE_KIND == 2:
+        scale = tl.load(SCALE + cols, mask=cols < K, other=1.0)[None, :]
     else:
         amax = tl.zeros([BLOCK_K], tl.float32)
         for m0 in range(0, group, BLOCK_M):
@@ -130,6 +133,8 @@ def _fmax(dtype) -> float:
 def quantize_rows(x, group, dtype, scale=None):
     m, k = x.shape
     q = torch.empty((m, k), dtype=dtype, device=x.device)
+    if scale is not None:  # one scale: any tiling; tiles of at most 128 columns keep the grid wide
+        group = _tile(k, 128)
     n_groups = k // group
     s_inv = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     block_k = _tile(group, 128)
@@ -143,20 +148,33 @@ def quantize_rows(x, group, dtype, scale=None):
     return q, s_inv
 
 
+#: a column group longer than this gets its scales from one torch reduction, then a wide grid
+LONG_COLUMN = 1024
+
+
 def quantize_cols(x, group, dtype, scale=None):
     m, k = x.shape
     q = torch.empty((k, m), dtype=dtype, device=x.device)
+    kind, result_s = 0, None
+    if scale is not None:
+        kind, scale_t, group = 1, scale.float().reshape(1), _tile(m, 64)
+        result_s = (1.0 / scale.float()).reshape(())
+    elif group == m and m > LONG_COLUMN:
+        # one group per column over all rows (rowwise): a grid over columns alone would be K / 128
+        # programs; the scales come from one reduction (the reference's operations, so equal bits)
+        amax = x.abs().amax(dim=0).float()
+        scale_t = torch.tensor(_fmax(dtype), dtype=torch.float32, device=x.device) / amax.clamp_min(AMAX_EPS)
+        kind, group, result_s = 2, _tile(m, 64), (1.0 / scale_t).reshape(k, 1)
     n_groups = m // group
-    s_inv = torch.empty((k, n_groups), dtype=torch.float32, device=x.device)
+    s_inv = torch.empty((k, n_groups), dtype=torch.float32, device=x.device) if kind == 0 else q
+    if kind == 0:
+        scale_t = s_inv
     block_m = _tile(group, 64)
     block_k = max(1, min(128, 8192 // block_m, triton.next_power_of_2(k)))
-    scale_t = scale.float().reshape(1) if scale is not None else s_inv
     _cols_kernel[(triton.cdiv(k, block_k), n_groups)](
         x, q, s_inv, scale_t, m, k, group, n_groups, _fmax(dtype),
-        HAS_SCALE=scale is not None, OUT=_TL_FP8[dtype], BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
-    if scale is not None:
-        return q, (1.0 / scale.float()).reshape(())
-    return q, s_inv
+        SCALE_KIND=kind, OUT=_TL_FP8[dtype], BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return (q, s_inv) if kind == 0 else (q, result_s)
 
 
 def quantize_blocks(w, block, dtype, transpose=False):
