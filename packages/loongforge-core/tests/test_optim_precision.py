@@ -131,3 +131,4 @@ def test_offload_maps_to_megatron_on_cuda_with_the_distributed_optimizer():
     assert out == {"moments": None, "optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}
     with pytest.raises(ConfigError, match=r"optimizer\.distributed"):
         precision_options(_cfg(optimizer_cpu_offload=True), Cuda())
+
