@@ -21,12 +21,22 @@ Rows (``--rows``, comma-separated; ``name:opt:opt=value`` modifies a row):
   (torch's foreach AdamW instead of a fused one), ``mcore_ops`` (megatron-core's per-tensor fallbacks for the grad norm,
   clipping and master -> parameter copy instead of torch's foreach ops),
   ``sdpa=cudnn|flash|efficient|triton|flash_attn4|...`` (force one attention kernel), ``compile``
-  (``torch.compile`` each transformer layer).
+  (``torch.compile`` each transformer layer). Memory levers and FP8 (config section ``precision``):
+  ``bf16moments`` (AdamW moments stored in bf16, ``LowPrecisionMomentsAdamW``), ``offload``
+  (megatron-core's optimizer-state offload to host memory, with its distributed optimizer;
+  ``offload_fraction=F``), ``recompute=selective|full`` (activation recompute: selective = core
+  attention; full = every layer, uniform), ``fp8=tensorwise|rowwise|blockwise|adaptive`` (FP8 linear
+  layers; the LM head and the first and last layers stay bf16), e.g. ``ours:mbs=1:bf16moments:gradbf16``.
 - ``torchtitan``: torchtitan 0.2.2's own Llama ``Transformer`` (its default training precision:
   fp32 parameters and AdamW states, bf16 autocast), fused AdamW; options in bench/torchtitan_row.py
   (``bf16``, ``compile``, ``mbs=N``, ...).
 - ``hf``: ``AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`` in bf16 with
-  ``torch.optim.AdamW`` (bf16 parameters and states, torch's default foreach path); ``mbs=N``.
+  ``torch.optim.AdamW`` (bf16 parameters, gradients and states, torch's default foreach path).
+  Options: ``mbs=N``, ``gas=N``, ``fused`` (``AdamW(fused=True)``), ``ckpt`` (gradient
+  checkpointing), e.g. ``hf:fused:mbs=1:gas=2:ckpt``. A fair table has HF's best configuration
+  that fits and an HF row at the same micro-batch as ours.
+
+Every row states its precision recipe (master weights, gradients, AdamW moments) in the table.
 
 Each row draws fresh random tokens every step, runs ``--warmup`` steps, then times ``--steps``
 steps with CUDA events and reports the median. MFU = tokens/s x FLOPs/token / 989e12 with
@@ -52,6 +62,7 @@ import torch
 import yaml
 
 PEAK = 989e12
+PEAK_FP8 = 1979e12
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "packages/loongforge-models-llm/src/loongforge_llm/configs/models"
 
@@ -273,8 +284,12 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         disable = [d for d in str(opts.get("disable", "")).split("+") if d]
         backend.configure_kernels([*KERNELS, *loongforge_register_kernels()], disable)
     provider = LLMProvider(section)
-    run = RunSettings(bf16=True, seq_length=seq)
+    recompute = opts.get("recompute")
+    run = RunSettings(bf16=True, seq_length=seq, recompute_granularity=recompute or None,
+                      recompute_method="uniform" if recompute == "full" else None,
+                      recompute_num_layers=1 if recompute == "full" else None)
     cuda = args.device == "cuda"
+    offload, distopt = bool(opts.get("offload")), bool(opts.get("distopt") or opts.get("offload"))
     with megatron_world(backend, cuda):
         torch.manual_seed(0)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -290,16 +305,28 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         model = Float16Module(config, model)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=not opts.get("gradbf16"), overlap_grad_reduce=False,
-            use_distributed_optimizer=bool(opts.get("distopt")))
+            use_distributed_optimizer=distopt)
         model = DistributedDataParallel(config, ddp_cfg, model)
+        if opts.get("fp8"):  # FP8 linear layers, as the backend applies precision.fp8 (default exclude list)
+            backend.fp8 = {"recipe": opts["fp8"], "exclude": ["output_layer", "first", "last"], "error_budget": 0.08}
         if not opts.get("nowgradfusion"):
             backend.after_data_parallel([model])
+        elif opts.get("fp8"):
+            from loongforge_cuda.fp8 import apply_fp8
+
+            apply_fp8([model], opts["fp8"], impl="scaled_mm" if cuda else "emulated")
+        if opts.get("fp8") and not cuda:  # CPU smoke run: torch's CPU scaled matmul lacks blockwise
+            for m in backend.fp8_layers.applied.values() if backend.fp8_layers else ():
+                m._forward_impl.impl = "emulated"
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
-            bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=bool(opts.get("distopt"))),
-            [model])
-        if not opts.get("foreach"):
-            use_fused_adam(optimizer, adamw_step=None if opts.get("torchadam") else backend.kernel("adamw_step"))
+            bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=distopt,
+            **({"optimizer_cpu_offload": True, "optimizer_offload_fraction": float(opts.get("offload_fraction", 1.0))}
+               if offload else {})), [model])
+        moments = (torch.bfloat16, torch.bfloat16) if opts.get("bf16moments") else None
+        if not opts.get("foreach") and not offload:
+            use_fused_adam(optimizer, adamw_step=None if opts.get("torchadam") else backend.kernel("adamw_step"),
+                           moments=moments)
         # megatron-core's own per-tensor fallbacks (row option mcore_ops) or torch's foreach ops
         multi_tensor_ops = contextlib.nullcontext if opts.get("mcore_ops") else foreach_multi_tensor_ops
         vocab = provider.args.vocab_size
@@ -328,7 +355,13 @@ def row_ours(section: dict, args, opts: dict) -> dict:
         result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
         result["sdpa"] = {str(k[0]): (str(v), {str(c): t for c, t in (MeasuredSDPAttention.reports.get(k) or {}).items()})
                           for k, v in MeasuredSDPAttention.choices.items()}
-    result.update(tokens=accumulate * mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    moments = "bf16" if opts.get("bf16moments") else "fp32"
+    result.update(tokens=accumulate * mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs,
+                  fp8=opts.get("fp8"),
+                  recipe=(f"fp32 master{' (host)' if offload else ''}, grads {'bf16' if opts.get('gradbf16') else 'fp32'}, "
+                          f"moments {moments}{' (host)' if offload else ''}; "
+                          f"GEMMs {'fp8 ' + opts['fp8'] + ' (LM head, first/last layer bf16)' if opts.get('fp8') else 'bf16'}"
+                          + (f"; recompute {recompute}" if recompute else "")))
     return result
 
 
@@ -336,10 +369,15 @@ def row_ours(section: dict, args, opts: dict) -> dict:
 
 
 def row_hf(section: dict, args, opts: dict) -> dict:
+    """HF Transformers in bf16 (parameters, gradients and AdamW moments all bf16, no fp32 master).
+    Options: ``mbs=N``, ``gas=N`` (N micro-batches per optimizer step, gradients summed in the bf16
+    ``.grad``), ``fused`` (``torch.optim.AdamW(fused=True)`` instead of torch's default foreach
+    path), ``ckpt`` (HF gradient checkpointing of every decoder layer, non-reentrant)."""
     import transformers
     from loongforge_llm.provider import LLMProvider
 
     mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
+    accumulate = int(opts.get("gas", 1))
     provider = LLMProvider(section)
     cfg = provider.hf_config()
     hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
@@ -347,22 +385,31 @@ def row_hf(section: dict, args, opts: dict) -> dict:
     model = transformers.AutoModelForCausalLM.from_config(
         hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16).to(args.device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    if opts.get("ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = bool(opts.get("fused"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
+                                  **({"fused": True} if fused else {}))
     vocab = provider.args.vocab_size
 
     def step():
-        tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss  # HF shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total = 0.0
+        for _ in range(accumulate):
+            tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
+            loss = model(input_ids=tokens, labels=tokens).loss / accumulate  # HF shifts the labels itself
+            loss.backward()
+            total = total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         mid = clock.mark()
         optimizer.step()
-        return loss.detach(), mid
+        return total, mid
 
     clock = Clock(args.device == "cuda")
     result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
-    result.update(tokens=mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs)
+    result.update(tokens=accumulate * mbs * seq, flops_token=flops_per_token(provider, seq), mbs=mbs,
+                  recipe="bf16 params (no master), grads bf16, moments bf16; AdamW "
+                         + ("fused" if fused else "foreach") + ("; ckpt all layers" if opts.get("ckpt") else ""))
     return result
 
 
@@ -413,9 +460,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     fpt = next((r["flops_token"] for r in results if "flops_token" in r), 0.0)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
-    print(f"\n{args.model}, seq {args.seq}, bf16, {device}; "
-          f"MFU = tok/s x {fpt / 1e9:.3f} GFLOP/token (6N + 6LHS) / 989 TFLOP/s; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"\n{args.model}, seq {args.seq}, {device}; "
+          f"MFU = tok/s x {fpt / 1e9:.3f} GFLOP/token (6N + 6LHS) / 989 TFLOP/s (bf16 dense peak; FP8 rows "
+          f"also / 1979 TFLOP/s, the FP8 dense peak, in brackets); median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'row':32} {'mbs':>3} {'ms/step':>9} {'fwd+bwd':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  loss")
     for r in results:
         if "error" in r:
@@ -426,7 +473,12 @@ def main() -> None:
             continue
         fb = f"{r['fwdbwd_ms']:.1f}" if r.get("fwdbwd_ms") else "-"
         print(f"{r['row']:32} {r['mbs']:>3} {r['ms']:>9.1f} {fb:>8} {r['tok_s']:>9,.0f} {r['tflops']:>8.1f} "
-              f"{100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}  {r['loss'][0]:.3f}->{r['loss'][1]:.3f}")
+              f"{100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}  {r['loss'][0]:.3f}->{r['loss'][1]:.3f}"
+              + (f"  [MFU {100 * r['mfu'] * PEAK / PEAK_FP8:.1f}% of FP8 peak]" if r.get("fp8") else ""))
+    print("precision recipe per row (master weights, gradients, AdamW moments, GEMMs):")
+    for r in results:
+        if r.get("recipe"):
+            print(f"  {r['row']:32} {r['recipe']}")
     for r in results:
         if r.get("kernels"):
             k = r["kernels"]

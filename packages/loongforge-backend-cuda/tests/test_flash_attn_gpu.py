@@ -8,8 +8,8 @@ import pytest
 import torch
 from loongforge_cuda import flash_attn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not flash_attn.installed(),
-                                reason="needs a CUDA GPU and an installed flash-attention")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or not flash_attn.installed(),
+                                                  reason="needs a CUDA GPU and an installed flash-attention")]
 
 
 def _grads(fn, q, k, v, grad):

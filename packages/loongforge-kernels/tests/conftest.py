@@ -73,3 +73,13 @@ def kt():
         leaf = staticmethod(leaf)
 
     return _Helpers
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a CUDA machine the device-parametric kernel tests (``kt`` / ``triton_path``) run the compiled
+    kernels on the GPU: mark them ``gpu`` (``loongforge_kernels.testing.mark_device_tests``)."""
+    from pathlib import Path
+
+    from loongforge_kernels.testing import mark_device_tests
+
+    mark_device_tests(items, Path(__file__).parent, HAS_CUDA, pytest.mark.gpu)

@@ -14,8 +14,8 @@ from loongforge.backend import Backend
 
 #: dense peak FLOP/s per GPU by device name fragment and dtype (vendor datasheets, no sparsity)
 PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12, "fp8": 1979e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12, "fp8": 1979e12},
     "A100": {"bf16": 312e12, "fp32": 19.5e12},
 }
 
@@ -27,6 +27,30 @@ class CudaBackend(Backend):
     def __init__(self):
         #: ``{op: Kernel}`` in use; empty until :meth:`configure_kernels`
         self.kernels: dict = {}
+        #: the ``precision.fp8`` section when FP8 is on (:meth:`configure_precision`), else None
+        self.fp8 = None
+        #: ``local`` (ours) or ``te`` (megatron-core's Transformer Engine spec)
+        self.layer_spec_choice = "local"
+        #: what :func:`loongforge_cuda.fp8.apply_fp8` changed (``.remove()`` undoes it)
+        self.fp8_layers = None
+
+    def configure_precision(self, precision) -> None:
+        """Take the run's ``precision`` section: ``fp8`` (refused, naming the key, without a CUDA device
+        of compute capability >= 8.9) and ``layer_spec`` (``te`` needs ``transformer_engine``)."""
+        from loongforge_cuda.fp8 import check_fp8_config
+        from loongforge_cuda.te import check_layer_spec
+
+        self.layer_spec_choice = check_layer_spec(precision.get("layer_spec", "local"))
+        fp8 = precision.get("fp8")
+        available = torch.cuda.is_available()
+        recipe = check_fp8_config(fp8, "cuda" if available else "cpu",
+                                  torch.cuda.get_device_capability() if available else None)
+        if recipe is not None and self.layer_spec_choice == "te":
+            from loongforge.config import ConfigError
+
+            raise ConfigError("config key 'precision.fp8.recipe': with precision.layer_spec=te, FP8 is "
+                              "Transformer Engine's own (megatron's fp8 settings), not ours")
+        self.fp8 = fp8 if recipe is not None else None
 
     def configure_kernels(self, kernels, disable=()) -> None:
         """Use the registered ``kernels`` (``loongforge.registry.Kernel`` records) except those
@@ -42,8 +66,14 @@ class CudaBackend(Backend):
         return resolve(self.kernels, op)
 
     def layer_spec(self, config, model_cfg):
-        """The local spec with measured SDPA core attention and the active fused modules."""
+        """The local spec with measured SDPA core attention and the active fused modules (or, with
+        ``precision.layer_spec=te``, megatron-core's Transformer Engine spec)."""
         from loongforge.modules.layer_spec import local_sdpa_spec
+
+        if self.layer_spec_choice == "te":
+            from loongforge_cuda.te import te_layer_spec
+
+            return te_layer_spec(config)
 
         from loongforge_cuda.attention import MeasuredSDPAttention
         from loongforge_cuda.flash_attn import MODULES as FLASH_ATTN
@@ -90,6 +120,11 @@ class CudaBackend(Backend):
         fuse_wgrad_accumulation(modules)
         fuse_embedding_grad_accumulation(modules)
         link_residual_norms(modules)
+        if self.fp8 is not None:  # after the wgrad fusion: FP8 weight gradients go into main_grad too
+            from loongforge_cuda.fp8 import apply_fp8
+
+            self.fp8_layers = apply_fp8(modules, self.fp8["recipe"], list(self.fp8.get("exclude", ())),
+                                        float(self.fp8.get("error_budget", 0.08)))
 
     def manual_seed(self, seed: int) -> None:
         from megatron.core import tensor_parallel
@@ -120,6 +155,7 @@ class CudaBackend(Backend):
         torch.cuda.synchronize()
 
     def peak_flops(self, dtype: str) -> float | None:
+        """Dense peak FLOP/s for ``dtype`` (``bf16``, ``fp32``, ``fp8``)."""
         name = torch.cuda.get_device_name()
         for key, table in PEAK_FLOPS.items():
             if key in name:

@@ -143,8 +143,13 @@ def wrap_data_parallel(modules, cfg):
     """Wrap each model chunk in megatron-core's DDP (grads summed; the loss divides by tokens)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    grads = cfg.precision.main_grads_dtype if "precision" in cfg else "fp32"
+    if grads not in ("fp32", "bf16"):
+        from loongforge.config import ConfigError
+
+        raise ConfigError(f"config key 'precision.main_grads_dtype': {grads!r} is not one of fp32, bf16")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grads == "fp32",
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.optimizer.distributed,
         average_in_collective=False,

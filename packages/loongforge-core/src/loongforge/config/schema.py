@@ -152,6 +152,43 @@ class PeftConfig:
 
 
 @dataclass
+class FP8Config:
+    """FP8 linear layers (``precision.fp8``; the CUDA backend, compute capability >= 8.9). Master
+    weights and the optimizer stay as ``train.precision`` / ``optimizer`` say (bf16 + fp32 master)."""
+
+    #: None: off | tensorwise | rowwise | blockwise (1x128 activation tiles, 128x128 weight blocks)
+    #: | adaptive (per GEMM shape, the fastest of bf16 and the recipes within ``error_budget``)
+    recipe: str | None = None
+    #: linear layers kept in bf16: fnmatch patterns on module names (``output_layer``: the LM head;
+    #: ``first`` / ``last``: the first / last transformer layer). Default: all three
+    exclude: list[str] = field(default_factory=lambda: ["output_layer", "first", "last"])
+    #: adaptive: largest relative Frobenius error of a recipe's output vs the bf16 GEMM it may replace
+    error_budget: float = 0.08
+
+
+@dataclass
+class PrecisionConfig:
+    """Optimizer-state precision and placement, and FP8 (``train.precision`` stays the compute dtype).
+    See ``loongforge.trainer.optim`` for what each key maps to."""
+
+    #: AdamW first / second moment storage: fp32 | bf16 (updated in fp32 either way)
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
+    #: master weights: fp32 | bf16 (bf16 only with megatron's precision-aware optimizer, which needs TE)
+    main_params_dtype: str = "fp32"
+    #: megatron-core's precision-aware optimizer (Transformer Engine's FusedAdam, distributed optimizer)
+    use_precision_aware_optimizer: bool = False
+    #: megatron-core's optimizer-state offload to host memory (CUDA, distributed optimizer)
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0
+    #: gradient buffer (DDP main_grad) dtype: fp32 | bf16
+    main_grads_dtype: str = "fp32"
+    fp8: FP8Config = field(default_factory=FP8Config)
+    #: the CUDA backend's layer spec: local (ours) | te (megatron-core's Transformer Engine spec, extra ``te``)
+    layer_spec: str = "local"
+
+
+@dataclass
 class RunConfig:
     task: str = "pretrain"
     backend: str | None = None  # None: the available backend with the highest priority
@@ -169,3 +206,4 @@ class RunConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)

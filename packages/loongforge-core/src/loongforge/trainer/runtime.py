@@ -49,6 +49,24 @@ def select_backend(plugins, requested: str | None) -> Backend:
     )
 
 
+def configure_precision(cfg, backend) -> None:
+    """Hand the ``precision`` section to a backend that takes it (FP8, layer spec); refuse FP8 or a
+    layer spec other than ``local`` on one that does not, naming the key."""
+    from loongforge.config import ConfigError
+
+    precision = cfg.get("precision")
+    if precision is None:
+        return
+    if hasattr(backend, "configure_precision"):
+        backend.configure_precision(precision)
+        return
+    if precision.fp8.get("recipe") not in (None, "", "none", "off"):
+        raise ConfigError(f"config key 'precision.fp8.recipe': backend {backend.name!r} has no FP8 GEMMs "
+                          "(the CUDA backend on compute capability >= 8.9 has)")
+    if precision.get("layer_spec", "local") != "local":
+        raise ConfigError(f"config key 'precision.layer_spec': backend {backend.name!r} has only the local spec")
+
+
 @contextlib.contextmanager
 def runtime(cfg, plugins):
     """Initialise distributed state for ``cfg`` (torchrun's env, or a world of one) and tear it down."""
@@ -57,6 +75,7 @@ def runtime(cfg, plugins):
     backend = select_backend(plugins, cfg.backend)
     if hasattr(backend, "configure_kernels"):  # the fused kernels a backend plugs in, minus kernels.disable
         backend.configure_kernels(plugins.registry().kernels.values(), list(cfg.kernels.disable))
+    configure_precision(cfg, backend)
     launched = "RANK" in os.environ  # by torchrun; otherwise a world of one
     rank, world, local_rank = ((int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
                                if launched else (0, 1, 0))
