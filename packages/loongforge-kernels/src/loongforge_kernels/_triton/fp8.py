@@ -16,6 +16,8 @@ import triton.language as tl
 
 _TL_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
 AMAX_EPS = 1e-12
+#: the same floor inside kernels (compiled Triton reads only constexpr globals; the interpreter reads any)
+KERNEL_AMAX_EPS = tl.constexpr(AMAX_EPS)
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _to_fp8(y, OUT: tl.constexpr):
 
 @triton.jit
 def _scale(amax, fmax):
-    return tl.math.div_rn(tl.zeros_like(amax) + fmax, tl.maximum(amax, AMAX_EPS))
+    return tl.math.div_rn(tl.zeros_like(amax) + fmax, tl.maximum(amax, KERNEL_AMAX_EPS))
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def _blocks_kernel(W, Q, QT, S_INV, N, K, fmax, TRANSPOSE: tl.constexpr, OUT: tl
     cols = bk * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :]).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    s = tl.math.div_rn(amax * 0.0 + fmax, tl.maximum(amax, AMAX_EPS))
+    s = tl.math.div_rn(amax * 0.0 + fmax, tl.maximum(amax, KERNEL_AMAX_EPS))
     tl.store(S_INV + bn * (K // BLOCK) + bk, tl.math.div_rn(s * 0.0 + 1.0, s))
     q = _to_fp8(tl.minimum(tl.maximum(w * s, -fmax), fmax), OUT)
     tl.store(Q + rows[:, None].to(tl.int64) * K + cols[None, :], q)
