@@ -132,7 +132,6 @@ class LLMProvider:
     def transformer_config(self, run: RunSettings) -> TransformerConfig:
         import torch
         import torch.nn.functional as F
-        from megatron.core.transformer import TransformerConfig
 
         self._run = run
         a = self.args
@@ -175,13 +174,19 @@ class LLMProvider:
         fields.update(self.extra_config_fields(run))
         fields.update(self._section.get("transformer_config") or {})
         try:
-            return TransformerConfig(**fields)
+            return self.config_class()(**fields)
         except (AssertionError, ValueError) as exc:
             raise ModelConfigError(
                 f"{self.args.family} model (hidden {a.hidden_size}, {a.num_attention_heads} heads, "
                 f"{a.num_key_value_heads} KV heads, {a.num_hidden_layers} layers) does not fit the run "
                 f"(tp={run.tp}, pp={run.pp}, vpp={run.vpp}, cp={run.cp}): {exc}"
             ) from exc
+
+    def config_class(self) -> type:
+        """The megatron-core config class (e.g. ``MLATransformerConfig`` for latent attention)."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig
 
     def extra_config_fields(self, run: RunSettings) -> dict[str, Any]:
         """``TransformerConfig`` fields a subclass adds (e.g. the MoE ones); dense: none."""
