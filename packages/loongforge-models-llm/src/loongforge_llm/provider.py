@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLMProvider",
+    "provider_for",
     "hf_config_for",
     "model_cfg_from_hf_config",
     "weight_mapping_for",
@@ -334,14 +335,23 @@ class LLMProvider:
 # --- registry entry points (ModelFamily.weight_mapping / hf_config_from_model) -------------------
 
 
+def provider_for(model_cfg: Any) -> LLMProvider:
+    """The provider class of ``model.family`` (``FamilySpec.provider``; e.g. ``MoEProvider``)."""
+    from loongforge_llm.families import FAMILIES
+
+    family = to_plain_dict(model_cfg).get("family")
+    cls = load_object(FAMILIES[family].provider) if family in FAMILIES else LLMProvider
+    return cls(model_cfg)
+
+
 def weight_mapping_for(model_cfg: Any, run: RunSettings | None = None) -> WeightMapping:
     """``ModelFamily.weight_mapping``: the mapping of the model described by ``model_cfg``."""
-    return LLMProvider(model_cfg).weight_mapping(run)
+    return provider_for(model_cfg).weight_mapping(run)
 
 
 def hf_config_for(model_cfg: Any) -> dict[str, Any]:
     """``ModelFamily.hf_config_from_model``: the HF ``config.json`` dict of ``model_cfg``."""
-    return LLMProvider(model_cfg).hf_config()
+    return provider_for(model_cfg).hf_config()
 
 
 def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -349,7 +359,7 @@ def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     (from ``model_type``), validated."""
     section = dict(hf_config)
     section.setdefault("family", family_for_model_type(str(hf_config.get("model_type"))).name)
-    provider = LLMProvider(section)
+    provider = provider_for(section)
     a = provider.args
     section["rope_theta"] = a.rope_theta
     section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None
