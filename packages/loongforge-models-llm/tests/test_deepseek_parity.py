@@ -74,3 +74,36 @@ def test_round_trip_bit_identical(mcore, load_size, tmp_path, interleave):
     assert sorted(back) == sorted(saved)
     for k, t in saved.items():
         assert torch.equal(back[k], t), k
+
+
+def test_correction_bias_moves_by_the_update_rate(mcore, load_size):
+    """After a training step megatron-core's ``finalize_model_grads`` moves each router's bias by
+    ``model.moe.bias_update_rate`` towards balance: +rate for experts below the mean load, -rate
+    above it (the auxiliary-loss-free balancing of DeepSeek-V3)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.to_container(load_size("deepseek_v3", "deepseek_v3_tiny"))
+    section["moe"] = {"bias_update_rate": 0.01}
+    provider = DeepseekV3Provider(section)
+    run = RunSettings()
+    config = provider.transformer_config(run)
+    assert config.moe_router_bias_update_rate == 0.01
+    model = provider.build(config, run, backend=mcore).train()
+    routers = [layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+    loads = {id(r): torch.zeros(config.num_moe_experts) for r in routers}
+    def count(router, inputs, outputs) -> None:  # the expert loads this step (after routing)
+        loads[id(router)] += outputs[1].sum(0).float()
+
+    for r in routers:
+        r.register_forward_hook(count)
+    before = [r.expert_bias.clone() for r in routers]
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    ids = torch.randint(0, provider.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ddp(ids, torch.arange(16).expand(2, 16), None, labels=ids).sum().backward()
+    finalize_model_grads([ddp])
+    for r, old in zip(routers, before, strict=True):
+        load = loads[id(r)]
+        expected = old + 0.01 * torch.sign(load.mean() - load)
+        torch.testing.assert_close(r.expert_bias, expected)
+        assert not torch.equal(r.expert_bias, old)
