@@ -80,7 +80,11 @@ def test_correction_bias_moves_by_the_update_rate(mcore, load_size):
     """After a training step megatron-core's ``finalize_model_grads`` moves each router's bias by
     ``model.moe.bias_update_rate`` towards balance: +rate for experts below the mean load, -rate
     above it (the auxiliary-loss-free balancing of DeepSeek-V3)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from omegaconf import OmegaConf
 
     section = OmegaConf.to_container(load_size("deepseek_v3", "deepseek_v3_tiny"))
