@@ -7,7 +7,8 @@ the same global batches. The per-step losses of each layout equal the single-pro
 1e-5 relative: ``parallel.ep=2`` runs megatron-core's all-to-all token dispatcher over gloo
 (``all_to_all_single``) with two experts groups of 4, and its gradients (the routed experts'
 reduced over the expert-data-parallel group, the rest over data parallelism) and the aux loss
-give the same updates.
+give the same updates. The tiny DeepSeek-V3 (MLA, sigmoid routing whose correction bias megatron
+updates after every step from the expert loads, a shared expert) runs at EP=2 as well.
 
 CI runs the two-process layouts (EP=2, EP=2 with the distributed optimizer). The four-process
 ones (EP=2 x TP=2 with sequence parallelism, EP=4, EP=2 x PP=2) are marked ``slow`` and run only
@@ -71,6 +72,17 @@ def workdir(tmp_path_factory) -> Path:
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.5)
     model.save_pretrained(root / "hf")
+    # DeepSeek-V3 (MLA, sigmoid routing with the correction bias updated every step, shared expert)
+    size = size.parent.parent / "deepseek_v3" / "deepseek_v3_tiny.yaml"
+    fields = {k: v for k, v in yaml.safe_load(size.read_text()).items() if k != "family"}
+    fields.update(vocab_size=1024, num_hidden_layers=4)
+    torch.manual_seed(1)
+    ds = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**fields)).float()
+    with torch.no_grad():
+        for name, p in ds.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)
+    ds.save_pretrained(root / "hf_deepseek")
     (root / "run.yaml").write_text(yaml.safe_dump({**RUN_YAML, "data": {"paths": [str(root / "corpus.jsonl")]}}))
     return root
 
@@ -78,7 +90,8 @@ def workdir(tmp_path_factory) -> Path:
 def launch(root: Path, name: str, nproc: int, runs: dict[str, list[str]]) -> None:
     spec = root / f"{name}.json"
     spec.write_text(json.dumps([{"config": str(root / "run.yaml"),
-                                 "overrides": [f"model.pretrained={root / 'hf'}", f"output_dir={root / lay}", *extra]}
+                                 "overrides": [f"model.pretrained={root / ('hf_deepseek' if lay.startswith('ds_') else 'hf')}",
+                                               f"output_dir={root / lay}", *extra]}
                                 for lay, extra in runs.items()]))
     command = [sys.executable, str(WORKER), str(spec)]
     if nproc > 1:
@@ -90,13 +103,13 @@ def launch(root: Path, name: str, nproc: int, runs: dict[str, list[str]]) -> Non
 
 @pytest.fixture(scope="module")
 def reference(workdir) -> list[float]:
-    launch(workdir, "single", 1, {"single": []})
+    launch(workdir, "single", 1, {"single": [], "ds_single": []})
     return losses(workdir / "single")
 
 
 @pytest.fixture(scope="module")
 def two_process(workdir) -> Path:
-    launch(workdir, "two", 2, TWO_PROCESS)
+    launch(workdir, "two", 2, {**TWO_PROCESS, "ds_ep2": ["parallel.ep=2"]})
     return workdir
 
 
@@ -109,18 +122,25 @@ def four_process(workdir) -> Path:
 def check(reference: list[float], got: list[float], case: str) -> None:
     assert len(reference) == len(got) == STEPS, (reference, got)
     worst = max(abs(a - b) / abs(a) for a, b in zip(reference, got, strict=True))
-    print(f"qwen3_moe {case}: max relative loss difference over {STEPS} steps {worst:.2e}")
+    print(f"{case}: max relative loss difference over {STEPS} steps {worst:.2e}")
     assert worst <= RTOL, f"{case}: single process {reference}\n  parallel {got}"
 
 
 @pytest.mark.parametrize("layout", list(TWO_PROCESS))
 def test_expert_parallel_matches_single_process(reference, two_process, layout):
     assert reference[-1] < reference[0]  # it trains
-    check(reference, losses(two_process / layout), layout)
+    check(reference, losses(two_process / layout), f"qwen3_moe {layout}")
+
+
+def test_deepseek_expert_parallel_matches_single_process(reference, two_process):
+    """DeepSeek-V3 at EP=2: the correction bias is updated from the global expert loads, so the
+    routing stays the single process's."""
+    single = losses(two_process / "ds_single")
+    check(single, losses(two_process / "ds_ep2"), "deepseek_v3 ep2")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not EXTRAS, reason="four-process MoE layouts: set LOONGFORGE_MOE_EXTRAS=1")
 @pytest.mark.parametrize("layout", list(FOUR_PROCESS))
 def test_four_process_expert_layouts_match_single_process(reference, four_process, layout):
-    check(reference, losses(four_process / layout), layout)
+    check(reference, losses(four_process / layout), f"qwen3_moe {layout}")

@@ -121,3 +121,24 @@ def test_expert_parallel_ranks_read_only_their_experts(load_size, ep, etp):
         shards = [[parts[r, t][name] for t in range(etp)] for r in range(ep)]
         assert shards[0][0].shape[0] == experts // ep
         assert torch.equal(merge_expert_shards(name, shards), full[name]), name
+
+
+def test_fused_safetensors_lazy_slices_per_rank(load_size, tmp_path):
+    """A checkpoint stored in transformers 5's fused layout (``experts.gate_up_proj``) read through
+    lazy safetensors slices (the path a TP>1 rank takes) gives the same tensors as per-expert files."""
+    from loongforge_llm.moe.weights import per_expert_getter
+    from safetensors.torch import save_file
+
+    provider = MoEProvider(section(load_size))
+    hf = hf_model(provider, seed=7)
+    fused = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+    save_file(fused, str(tmp_path / "model.safetensors"))
+    hf.save_pretrained(tmp_path / "per_expert")
+    for ep_rank, etp_rank in [(0, 0), (1, 1)]:
+        mapping = provider.weight_mapping(ep_rank=ep_rank, ep_size=2, etp_rank=etp_rank, etp_size=2)
+        want = mapping.hf_to_ours(safetensors_getter(tmp_path / "per_expert"), 1, 2)
+        got = mapping.hf_to_ours(per_expert_getter(safetensors_getter(tmp_path)), 1, 2)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name

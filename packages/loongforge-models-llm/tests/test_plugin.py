@@ -22,12 +22,13 @@ def test_plugin_module_imports_no_torch():
 def test_records():
     assert plugin.LOONGFORGE_API_VERSION == "1.0"
     records = {r.name: r for r in plugin.loongforge_register_models()}
-    assert set(records) == {"llama", "qwen2", "qwen3", "mimo"}
+    assert set(records) == {"llama", "qwen2", "qwen3", "mimo", "qwen3_moe", "deepseek_v3"}
     assert records["qwen2"].hf_model_types == ("qwen2",)
     assert records["llama"].config_groups == ("models/llama2", "models/llama3")
     assert "EXPERIMENTAL" in records["mimo"].description
     for r in records.values():
-        assert load_object(r.builder).__name__ == "LLMProvider"
+        expected = {"qwen3_moe": "MoEProvider", "deepseek_v3": "DeepseekV3Provider"}.get(r.name, "LLMProvider")
+        assert load_object(r.builder).__name__ == expected
         assert callable(load_object(r.weight_mapping)) and callable(load_object(r.hf_config_from_model))
     (cdir,) = plugin.loongforge_config_dirs()
     assert cdir.path == "pkg://loongforge_llm.configs" and cdir.provider == "llm"

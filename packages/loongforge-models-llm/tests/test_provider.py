@@ -11,7 +11,7 @@ from loongforge.model_provider import RunSettings
 from loongforge.weight_mapping import TE_NORM_NAMES
 from loongforge_llm.common.args import ModelConfigError
 from loongforge_llm.families import FAMILIES
-from loongforge_llm.provider import LLMProvider
+from loongforge_llm.provider import LLMProvider, provider_for
 
 
 def build(provider, backend, run=None):
@@ -137,7 +137,7 @@ def test_every_family_has_mapping_rules(load_size):
     for f in FAMILIES.values():
         group = f.config_groups[0]
         tiny = next((Path(loongforge_llm.__file__).parent / "configs" / "models" / group).glob("*_tiny.yaml")).stem
-        p = LLMProvider(load_size(group, tiny))
+        p = provider_for(load_size(group, tiny))  # the family's provider class (MoE families: MoEProvider)
         assert p.family is f and p.weight_mapping().rules
 
 

@@ -84,7 +84,7 @@ def supplied_collectives() -> str:
     from megatron.core.models.multimodal import context_parallel as mm_cp
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    native = (dist.reduce_scatter, dist.all_reduce)
+    native = (dist.reduce_scatter, dist.all_reduce, dist.all_to_all_single)
     calls = []
     with cpu.CpuBackend().activate():
         if (dist.reduce_scatter, dist.all_reduce) != (cpu.gloo_reduce_scatter, cpu.gloo_all_reduce):
@@ -115,6 +115,19 @@ def supplied_collectives() -> str:
             dist.reduce_scatter(out, pieces, op=dist.ReduceOp.MAX)
             _close(f"reduce_scatter MAX {dtype}", out.float(),
                    torch.stack(full).max(0).values[:, 3 * rank:3 * (rank + 1)], 0)
+        # all_to_all_single with its split sizes as tensors, as megatron-core's MoE all-to-all
+        # dispatcher passes them on the CPU (rank s sends s + d + 1 rows to rank d)
+        from megatron.core.tensor_parallel import mappings
+
+        if dist.all_to_all_single is not cpu.cpu_all_to_all_single:
+            raise AssertionError("activate() did not install the supplied all_to_all_single")
+        sent = [torch.arange(sum(src + d + 1 for d in range(world)), dtype=torch.float32)[:, None] + 100 * src
+                for src in range(world)]
+        splits_in = torch.tensor([rank + d + 1 for d in range(world)])
+        splits_out = torch.tensor([src + rank + 1 for src in range(world)])
+        got = mappings.all_to_all(dist.group.WORLD, sent[rank], splits_out, splits_in)
+        want = torch.cat([sent[src][sum(src + d + 1 for d in range(rank)):][:src + rank + 1] for src in range(world)])
+        _close("all_to_all_single with tensor splits", got, want, 0)
         parallel_state.initialize_model_parallel(context_parallel_size=world)
         try:
             wrapped = cpu.gloo_reduce_scatter
@@ -131,7 +144,7 @@ def supplied_collectives() -> str:
         finally:
             dist.reduce_scatter = cpu.gloo_reduce_scatter
             parallel_state.destroy_model_parallel()
-    if (dist.reduce_scatter, dist.all_reduce) != native:
+    if (dist.reduce_scatter, dist.all_reduce, dist.all_to_all_single) != native:
         raise AssertionError("the supplied collectives outlived activate()")
     if not calls:
         raise AssertionError("megatron-core's multimodal CP scatter did not go through the supplied reduce_scatter")

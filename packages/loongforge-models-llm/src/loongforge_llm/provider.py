@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLMProvider",
+    "provider_for",
     "hf_config_for",
     "model_cfg_from_hf_config",
     "weight_mapping_for",
@@ -132,7 +133,6 @@ class LLMProvider:
     def transformer_config(self, run: RunSettings) -> TransformerConfig:
         import torch
         import torch.nn.functional as F
-        from megatron.core.transformer import TransformerConfig
 
         self._run = run
         a = self.args
@@ -175,13 +175,19 @@ class LLMProvider:
         fields.update(self.extra_config_fields(run))
         fields.update(self._section.get("transformer_config") or {})
         try:
-            return TransformerConfig(**fields)
+            return self.config_class()(**fields)
         except (AssertionError, ValueError) as exc:
             raise ModelConfigError(
                 f"{self.args.family} model (hidden {a.hidden_size}, {a.num_attention_heads} heads, "
                 f"{a.num_key_value_heads} KV heads, {a.num_hidden_layers} layers) does not fit the run "
                 f"(tp={run.tp}, pp={run.pp}, vpp={run.vpp}, cp={run.cp}): {exc}"
             ) from exc
+
+    def config_class(self) -> type:
+        """The megatron-core config class (e.g. ``MLATransformerConfig`` for latent attention)."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig
 
     def extra_config_fields(self, run: RunSettings) -> dict[str, Any]:
         """``TransformerConfig`` fields a subclass adds (e.g. the MoE ones); dense: none."""
@@ -329,14 +335,23 @@ class LLMProvider:
 # --- registry entry points (ModelFamily.weight_mapping / hf_config_from_model) -------------------
 
 
+def provider_for(model_cfg: Any) -> LLMProvider:
+    """The provider class of ``model.family`` (``FamilySpec.provider``; e.g. ``MoEProvider``)."""
+    from loongforge_llm.families import FAMILIES
+
+    family = to_plain_dict(model_cfg).get("family")
+    cls = load_object(FAMILIES[family].provider) if family in FAMILIES else LLMProvider
+    return cls(model_cfg)
+
+
 def weight_mapping_for(model_cfg: Any, run: RunSettings | None = None) -> WeightMapping:
     """``ModelFamily.weight_mapping``: the mapping of the model described by ``model_cfg``."""
-    return LLMProvider(model_cfg).weight_mapping(run)
+    return provider_for(model_cfg).weight_mapping(run)
 
 
 def hf_config_for(model_cfg: Any) -> dict[str, Any]:
     """``ModelFamily.hf_config_from_model``: the HF ``config.json`` dict of ``model_cfg``."""
-    return LLMProvider(model_cfg).hf_config()
+    return provider_for(model_cfg).hf_config()
 
 
 def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -344,7 +359,7 @@ def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     (from ``model_type``), validated."""
     section = dict(hf_config)
     section.setdefault("family", family_for_model_type(str(hf_config.get("model_type"))).name)
-    provider = LLMProvider(section)
+    provider = provider_for(section)
     a = provider.args
     section["rope_theta"] = a.rope_theta
     section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None

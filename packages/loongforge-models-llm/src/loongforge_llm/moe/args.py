@@ -26,6 +26,7 @@ key                            default      meaning
                                             the latest (``position``) tokens
 ``pad_to_capacity``            ``false``    with a capacity: pad every expert's input to the capacity
 ``router_dtype``               ``fp32``     the router's softmax/top-k precision (``fp32``/``fp64``)
+``bias_update_rate``           ``0.001``    DeepSeek-V3: step of the routers' expert bias per update
 =============================  ===========  ===========================================================
 """
 
@@ -51,6 +52,8 @@ class MoEOptions:
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
     router_dtype: str = "fp32"
+    #: DeepSeek-V3's auxiliary-loss-free balancing: the routers' bias moves by this much per step
+    bias_update_rate: float = 1e-3
 
 
 _CHOICES = {

@@ -69,3 +69,20 @@ def moe_decoder_spec(dense_spec: ModuleSpec, config, moe_layers: tuple[bool, ...
 def routed_experts_mlp(config, moe):
     """``MoEFamilySpec.moe_mlp`` of families with routed experts only (Qwen3-MoE)."""
     return moe_mlp_builder(moe.options.grouped_gemm)
+
+
+def shared_experts_builder():
+    """``MoESubmodules.shared_experts``: megatron-core's ``SharedExpertMLP`` on the local linears
+    (its size: ``moe_shared_expert_intermediate_size``)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    return partial(SharedExpertMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                             linear_fc2=RowParallelLinear))
+
+
+def routed_and_shared_experts_mlp(config, moe):
+    """``MoEFamilySpec.moe_mlp`` of families with shared experts (DeepSeek)."""
+    shared = shared_experts_builder() if config.moe_shared_expert_intermediate_size else None
+    return moe_mlp_builder(moe.options.grouped_gemm, shared_experts=shared)
