@@ -1,10 +1,11 @@
 """The combination model: which parts exist on this rank and how data flows between them.
 
 ``VLMModel`` holds the LLM chunk (a megatron-core ``GPTModel``) and, on the first pipeline stage,
-the image encoder and projector. It computes nothing of its own: the projected image features
-replace the text embeddings at the image-token positions (in order: batch row by row, then
-sequence), and the LLM runs on the result. ``MRopeGPTModel`` is the LLM with Qwen2-VL's
-multimodal RoPE (temporal/height/width position ids, one per section of the rotary dims).
+the image encoder and projector. It computes nothing of its own: the projected image (and video)
+features replace the text embeddings at the image (video) token positions (in order: batch row by
+row, then sequence), DeepStack features (Qwen3-VL) go to the LLM as a dense ``context`` tensor
+(:mod:`loongforge_vlm.deepstack`), and the LLM runs on the result. ``MRopeGPTModel`` is the LLM
+with multimodal RoPE (temporal/height/width position ids; contiguous or interleaved sections).
 """
 
 from __future__ import annotations
