@@ -1,10 +1,12 @@
-"""Each package builds a wheel, and core + llm installed alone into a fresh venv work without the
-other seven packages (the workspace venv would hide a missing dependency declaration)."""
+"""Each package builds a wheel holding its LICENSE and py.typed. (Each wheel installed alone with
+the core into a clean venv, where the workspace venv cannot hide a missing dependency declaration,
+is CI's wheel stage: ``scripts/release.py --check all`` runs ``scripts/smoke.py`` per package.)"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,28 +33,8 @@ def wheels(tmp_path_factory) -> Path:
 def test_every_package_builds_a_wheel(wheels):
     built = {p.name.split("-")[0] for p in wheels.glob("*.whl")}
     assert built == {name.replace("-", "_") for name in PACKAGES}
-
-
-@pytest.mark.slow
-def test_core_and_llm_alone_in_a_fresh_venv(wheels, tmp_path):
-    venv = tmp_path / "venv"
-    uv("venv", "--python", sys.executable, str(venv))
-    python = venv / "bin" / "python"
-    core, llm = (next(wheels.glob(f"{n}-*.whl")) for n in ("loongforge_core", "loongforge_models_llm"))
-    # dependencies resolve from uv's cache (filled by the workspace sync), not from the workspace
-    uv("pip", "install", "--python", str(python), str(core), str(llm))
-    check = subprocess.run(
-        [str(python), "-c",
-         "import importlib.util as u, loongforge, loongforge_llm\n"
-         "from loongforge.plugins import create_plugin_manager\n"
-         "pm = create_plugin_manager()\n"
-         "print(sorted(p.name for p in pm.plugins), [p.error for p in pm.failures])\n"
-         "print(sorted(pm.registry().models))\n"
-         "print([m for m in ('loongforge_vlm', 'loongforge_cuda', 'loongforge_ckpt') if u.find_spec(m)])"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    plugins, models, others = check.stdout.strip().splitlines()
-    assert plugins == "['core', 'llm'] []"
-    assert "qwen3" in models and "llama" in models
-    assert others == "[]"
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), wheel.name
+        assert any(n.endswith("/py.typed") for n in names), wheel.name

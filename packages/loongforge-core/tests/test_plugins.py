@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from importlib.metadata import version
 
 import pluggy
 import pytest
@@ -20,7 +21,7 @@ def test_every_workspace_package_is_discovered():
     assert WORKSPACE_PLUGINS | {"core"} <= set(loaded)
     for name in WORKSPACE_PLUGINS:
         assert loaded[name].error is None, loaded[name].error
-        assert loaded[name].version == "0.1.0"
+        assert loaded[name].version == version(loaded[name].distribution)  # the installed metadata
         assert loaded[name].distribution.startswith("loongforge-")
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # plugin discovery imports this module (``installed()``): it imports no torch
+    import torch
 
 #: candidate name -> module whose ``flash_attn_func(q, k, v, softmax_scale=, causal=)`` it calls
 MODULES = {
@@ -46,6 +47,8 @@ def _flash_attn_func(name: str):
 def flash_attn_attention(name: str, q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Attention of [b, h, s, d] ``q, k, v`` through the installed flash-attention ``name``; a
     ``RuntimeError`` naming why when it does not take these inputs (the timing then skips it)."""
+    import torch
+
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError(f"{name}: takes fp16/bf16, got {q.dtype}")
     try:
@@ -74,6 +77,9 @@ def flash_attn2(q, k, v, causal: bool = True, scale: float | None = None) -> tor
 
 def attention_reference(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """torch's math SDPA on the same [b, h, s, d] inputs (grouped KV heads repeated)."""
+    import torch
+    import torch.nn.functional as F
+
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):

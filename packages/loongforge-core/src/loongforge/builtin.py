@@ -6,7 +6,7 @@ from __future__ import annotations
 from loongforge import hookimpl
 from loongforge.registry import Backend, DatasetType, Task, TokenizerType
 
-LOONGFORGE_API_VERSION = "1.0"
+LOONGFORGE_API_VERSION = "1.1"
 
 
 @hookimpl
@@ -17,9 +17,9 @@ def loongforge_register_backends():
 
 @hookimpl
 def loongforge_register_tasks():
-    return [Task(name="pretrain", run="loongforge.trainer.loop:run_pretrain",
+    return [Task(name="pretrain", task="loongforge.trainer.lm:PretrainTask",
                  description="pre-training / continued pre-training of a causal LM"),
-            Task(name="sft", run="loongforge.trainer.sft:run_sft",
+            Task(name="sft", task="loongforge.trainer.sft:SFTTask",
                  description="supervised fine-tuning on conversations (chat templates, packing, LoRA)")]
 
 
@@ -47,8 +47,11 @@ def loongforge_select_backend(available, requested):
                 return backend
         names = ", ".join(b.name for b in available)
         from loongforge.config import ConfigError
+        from loongforge.known_packages import install_hint
 
-        raise ConfigError(f"config key 'backend': {requested!r} is not available here (available: {names})")
+        hint = install_hint("backends", requested)
+        raise ConfigError(f"config key 'backend': {requested!r} is not available here (available: {names})."
+                          + (f" {hint}" if hint else ""))
     return max(available, key=lambda b: b.priority)
 
 

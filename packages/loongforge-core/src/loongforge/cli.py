@@ -96,23 +96,24 @@ def _launch(args, launch: list[str]) -> int:
 def cmd_run(args, launch: list[str]) -> int:
     if launch and "RANK" not in os.environ:
         return _launch(args, launch)
-    from loongforge.plugins import lookup
-    from loongforge.registry import load_object
+    from loongforge.trainer.loop import run
 
     plugins = _plugins()
     _report_failures(plugins)
     cfg = _compose(args)
-    task = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
-    load_object(task.run)(cfg, plugins)
+    from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
+
+    with quiet_console(cfg.output_dir):
+        run(cfg, plugins)
     return 0
 
 
 def cmd_generate(args) -> int:
-    from loongforge.generate import generate_from_checkpoint
+    from loongforge.generate import generate
 
-    text = generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(text)
+    print(generate(args.checkpoint, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, output=args.output,
+                   num_steps=args.steps))
     return 0
 
 
@@ -157,7 +158,10 @@ def cmd_convert(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from loongforge import __version__
+
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
+    parser.add_argument("--version", action="version", version=f"loongforge-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):
@@ -175,9 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     config_args(show)
     show.set_defaults(func=cmd_config_show)
 
-    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    gen = sub.add_parser("generate", help="sample from a trained checkpoint (text, a video, an action chunk: "
+                                          "what the checkpoint's task generates)")
     gen.add_argument("checkpoint", help="a checkpoint directory (or the run's checkpoints directory)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", help="the text to continue or condition on")
+    gen.add_argument("--output", help="where a task that writes a file (a video, actions) writes it")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps of a diffusion / flow-matching task")
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0)

@@ -22,12 +22,33 @@ def _resolve(checkpoint: str) -> tuple[Path, Path]:
     return root, step_dir
 
 
+def generate(checkpoint: str, *, prompt: str | None, max_new_tokens: int = 40, temperature: float = 0.0,
+             top_k: int = 0, seed: int = 0, output: str | None = None, num_steps: int | None = None) -> str:
+    """What ``loongforge generate`` prints: the checkpoint's task's ``generate`` (a registered
+    ``Task.generate``: a video, an action chunk, ...), or a text continuation of ``prompt``."""
+    from loongforge.config import ConfigError
+    from loongforge.plugins import get_plugin_manager, lookup
+    from loongforge.registry import load_object
+
+    root, _ = _resolve(checkpoint)
+    plugins = get_plugin_manager()
+    task_name = OmegaConf.load(root / "config.yaml").get("task", "pretrain")
+    record = lookup(plugins.registry().tasks, task_name, f"task (in {root / 'config.yaml'})", plugins.failures)
+    if record.generate:
+        return str(load_object(record.generate)(checkpoint, prompt=prompt, output=output, seed=seed,
+                                                num_steps=num_steps))
+    if prompt is None:
+        raise ConfigError(f"generate: {checkpoint} is a {task_name!r} checkpoint, which continues text: give --prompt")
+    return generate_from_checkpoint(checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, seed=seed)
+
+
 def generate_from_checkpoint(checkpoint: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
                              top_k: int = 0, seed: int = 0) -> str:
     from loongforge.peft.lora import apply_lora_config
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.checkpoint import load_checkpoint
-    from loongforge.trainer.loop import load_tokenizer
+    from loongforge.trainer.lm import load_tokenizer
     from loongforge.trainer.model import build_model_chunks, model_provider, run_settings
     from loongforge.trainer.runtime import runtime
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Backend,
         CheckpointConverter,
         ConfigDir,
+        ConfigSection,
         DatasetType,
         Kernel,
         ModelComponent,
@@ -91,9 +92,19 @@ def loongforge_register_kernels() -> list[Kernel]:
 
 @hookspec
 def loongforge_register_tasks() -> list[Task]:
-    """Runnable tasks, selected by the config key ``task``.
+    """Runnable tasks, selected by the config key ``task``: a ``loongforge.task.TrainTask``
+    subclass that the core's trainer runs (see ``loongforge/task.py`` for the contract).
 
-    Example: ``[Task(name="sft", run="pkg.sft:run")]``.
+    Example: ``[Task(name="wan_pretrain", task="pkg.task:WanTask", generate="pkg.sample:generate")]``.
+    """
+
+
+@hookspec
+def loongforge_register_config_sections() -> list[ConfigSection]:
+    """Top-level config sections this plugin's tasks read, each validated by its dataclass.
+
+    Example: ``[ConfigSection(name="diffusion", schema="pkg.config:DiffusionConfig")]``; a run then
+    sets ``diffusion.shift=5.0`` and an unknown ``diffusion.*`` key fails naming it.
     """
 
 

@@ -23,6 +23,9 @@ class RunSettings:
     pp: int = 1
     vpp: int | None = None
     cp: int = 1
+    #: expert parallelism (MoE): experts split over ``ep`` ranks, each expert over ``etp`` ranks
+    ep: int = 1
+    etp: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
     seq_length: int = 2048

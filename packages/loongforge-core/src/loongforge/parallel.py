@@ -28,12 +28,14 @@ class Layout:
 
 
 def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_heads: int | None = None,
-                    num_kv_heads: int | None = None) -> Layout:
-    """Check the config's parallel sizes against the world, the model and the batch sizes."""
+                    num_kv_heads: int | None = None, num_experts: int | None = None) -> Layout:
+    """Check the config's parallel sizes against the world, the model and the batch sizes.
+    ``num_experts``: routed experts per MoE layer (``None``: a dense model)."""
     p, t = cfg.parallel, cfg.train
-    for key in ("tp", "pp", "cp"):
-        if p[key] < 1:
+    for key in ("tp", "pp", "cp", "ep", "etp"):
+        if p.get(key, 1) < 1:
             raise LayoutError(f"parallel.{key}={p[key]} must be >= 1")
+    _validate_experts(p, world_size, num_experts)
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         raise LayoutError(
@@ -84,6 +86,26 @@ def validate_layout(cfg, world_size: int, num_layers: int | None = None, num_hea
     return Layout(world_size, p.tp, p.pp, p.cp, p.vpp, dp, t.micro_batch_size, t.global_batch_size)
 
 
+def _validate_experts(p, world_size: int, num_experts: int | None) -> None:
+    """Expert parallelism: megatron-core lays the MoE layers' ranks out as pp x ep x etp x expert-dp
+    (attention keeps pp x tp x cp x dp over the same ranks)."""
+    ep, etp = p.get("ep", 1), p.get("etp", 1)
+    if ep == 1 and etp == 1:
+        return
+    if num_experts is None:
+        raise LayoutError(f"parallel.ep={ep} / parallel.etp={etp} need a mixture-of-experts model "
+                          "(the model section has no num_experts)")
+    if num_experts % ep:
+        raise LayoutError(f"parallel.ep={ep} does not divide the model's num_experts={num_experts}")
+    expert_parallel = ep * etp * p.pp
+    if world_size % expert_parallel:
+        raise LayoutError(f"world size {world_size} is not a multiple of parallel.ep x parallel.etp x parallel.pp "
+                          f"= {ep} x {etp} x {p.pp} = {expert_parallel}")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise LayoutError(f"parallel.tp={p.tp} with an MoE model needs parallel.sequence_parallel=true "
+                          "(megatron-core's MoE layer refuses tensor parallelism without it)")
+
+
 def configure_pipeline_schedule(config, layout: Layout) -> None:
     """Pipeline point-to-point settings of megatron-core's ``TransformerConfig`` for ``layout``.
 
@@ -111,6 +133,8 @@ def init_model_parallel(cfg):
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if (p.vpp or 1) > 1 else None,
         context_parallel_size=p.cp,
+        expert_model_parallel_size=p.get("ep", 1),
+        expert_tensor_parallel_size=p.get("etp", 1),
     )
     return ProcessGroupCollection.use_mpu_process_groups()
 

@@ -63,12 +63,26 @@ class PluginManager:
         return self._registry
 
 
+def _api(version: str) -> tuple[int, int]:
+    major, _, minor = str(version).partition(".")
+    return int(major), int(minor.split(".")[0] or 0)
+
+
 def _api_error(module: ModuleType) -> str | None:
+    """Why a plugin's declared hook API does not fit this core: another major, or a newer minor
+    (it may implement hooks this core does not have)."""
     declared = getattr(module, "LOONGFORGE_API_VERSION", None)
     if declared is None:
         return f"declares no LOONGFORGE_API_VERSION (this core's hook API is {API_VERSION})"
-    if str(declared).split(".")[0] != API_VERSION.split(".")[0]:
+    try:
+        (major, minor), (core_major, core_minor) = _api(declared), _api(API_VERSION)
+    except ValueError:
+        return f"declares LOONGFORGE_API_VERSION={declared!r}, not MAJOR.MINOR (this core's is {API_VERSION})"
+    if major != core_major:
         return f"was built for hook API {declared}, this core provides {API_VERSION}"
+    if minor > core_minor:
+        return (f"was built for hook API {declared}, newer than this core's {API_VERSION}: "
+                f"upgrade loongforge-core")
     return None
 
 
@@ -76,12 +90,29 @@ def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> tuple[str, ...]:
     return tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
 
 
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hooks ``plugin`` implements that have no spec here (a misspelling, or a newer API's hook);
+    ``optionalhook=True`` implementations are allowed, as in pluggy's ``check_pending``."""
+    return sorted(h.name for h in pm.get_hookcallers(plugin) or () if not h.has_spec()
+                  and any(i.plugin is plugin and not i.opts.get("optionalhook") for i in h.get_hookimpls()))
+
+
 def _register(manager: PluginManager, name: str, module: ModuleType, dist: str, version: str) -> None:
+    """Register one plugin, validated on its own: a hook implementation that does not match its
+    spec, or a hook this core does not have, refuses this plugin (by name) and no other."""
+    def refuse(error: str) -> None:
+        manager.plugins.append(PluginInfo(name, dist, version, module.__name__, error=error))
+
     try:
         manager.pm.register(module, name=name)
-    except ValueError as exc:  # same name registered twice, or a hookimpl pluggy rejects
-        manager.plugins.append(PluginInfo(name, dist, version, module.__name__, error=str(exc)))
-        return
+    except pluggy.PluginValidationError as exc:  # a hookimpl whose arguments or options its spec refuses
+        return refuse(f"invalid hook implementation: {' '.join(str(exc).split())}")
+    except ValueError as exc:  # the same name registered twice
+        return refuse(str(exc))
+    if unknown := _unknown_hooks(manager.pm, module):
+        manager.pm.unregister(module)
+        return refuse(f"implements {', '.join(unknown)}, which hook API {API_VERSION} does not have "
+                      "(misspelled, or from a newer loongforge-core)")
     manager.plugins.append(PluginInfo(name, dist, version, module.__name__, _hooks_of(manager.pm, module)))
 
 
@@ -143,6 +174,7 @@ _REGISTRY_HOOKS = {
     "kernels": "loongforge_register_kernels",
     "tasks": "loongforge_register_tasks",
     "backends": "loongforge_register_backends",
+    "config_sections": "loongforge_register_config_sections",
 }
 
 
@@ -170,8 +202,12 @@ def lookup(table: dict, name: str, what: str, failures: list[PluginInfo] = ()):
     """``table[name]``, or a :class:`RegistryError` listing what exists and the closest names."""
     if name in table:
         return table[name]
+    from loongforge.known_packages import hint_for_lookup
+
     close = difflib.get_close_matches(name, list(table), n=3)
     msg = f"unknown {what} {name!r}."
+    if hint := hint_for_lookup(what, name):  # a known package provides it: say which, not "did you mean"
+        msg, close = f"{msg} {hint}", []
     if close:
         msg += f" Did you mean {', '.join(map(repr, close))}?"
     msg += f" Available: {', '.join(table) or 'none'}."

@@ -96,10 +96,36 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Task:
-    """A runnable task (``pretrain``, ``sft``, ...): ``run(cfg, plugins)`` with the validated config."""
+    """A runnable task (``pretrain``, ``sft``, ...), selected by the config key ``task``.
+
+    ``task``: a ``loongforge.task.TrainTask`` subclass, trained by the core's trainer (the usual
+    case); or ``run``: ``fn(cfg, plugins)`` for a task that is not a training run. Exactly one of
+    the two. ``generate``: ``fn(checkpoint, *, prompt, output, seed, num_steps) -> str``, what
+    ``loongforge generate`` runs for a checkpoint of this task (a text continuation, a written
+    file's path, ...); ``None``: the core's text generation.
+    """
 
     name: str
-    run: str
+    task: str | None = None
+    run: str | None = None
+    generate: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if (self.task is None) == (self.run is None):
+            raise ValueError(f"Task {self.name!r}: give exactly one of 'task' (a TrainTask) and 'run'")
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    """A top-level config section a plugin adds (e.g. ``diffusion``), validated like the core's.
+
+    ``schema``: a dataclass (``"pkg.module:Name"``) whose fields all have defaults; an unknown key
+    in the section fails naming it, and ``cfg.<name>`` holds the defaults when a run sets nothing.
+    """
+
+    name: str
+    schema: str
     description: str = ""
 
 
@@ -134,6 +160,7 @@ class Registry:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     tasks: dict[str, Task] = field(default_factory=dict)
     backends: dict[str, Backend] = field(default_factory=dict)
+    config_sections: dict[str, ConfigSection] = field(default_factory=dict)
     config_dirs: list[ConfigDir] = field(default_factory=list)
     #: which plugin registered each (kind, name)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)

@@ -119,6 +119,9 @@ class Rule:
     """
 
     ours: str
+    #: global decoder layers that have this parameter (``None``: every layer); e.g. the experts
+    #: of a model whose first layers are dense
+    only_layers: frozenset[int] | None = None
 
     # --- overridden by subclasses -------------------------------------------------------------
     def hf_patterns(self) -> tuple[str, ...]:
@@ -449,7 +452,8 @@ class WeightMapping:
             where = rule.where
             if where == "layer":
                 for local, layer in enumerate(layers):
-                    yield rule, layer, local
+                    if rule.only_layers is None or layer in rule.only_layers:
+                        yield rule, layer, local
             elif exporting:
                 if rule.exported():
                     yield rule, None, None

@@ -41,16 +41,15 @@ def _fresh_rendezvous(index: int) -> None:
 
 def main(runs_file: str) -> None:
     from loongforge.config import compose_config
-    from loongforge.plugins import get_plugin_manager, lookup
-    from loongforge.registry import load_object
+    from loongforge.plugins import get_plugin_manager
+    from loongforge.trainer.loop import run as run_task
 
     plugins = get_plugin_manager()
     os.environ.setdefault("TORCHELASTIC_MASTER_PORT", os.environ.get("MASTER_PORT", "0"))
     for index, run in enumerate(json.loads(open(runs_file).read())):
         _fresh_rendezvous(index)
         cfg = compose_config(run["config"], run["overrides"])
-        task = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
-        load_object(task.run)(cfg, plugins)
+        run_task(cfg, plugins)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
 """Diffusion transformer (DiT) models for LoongForge."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+#: the installed distribution's version (pyproject.toml is its one source)
+__version__ = _version("loongforge-diffusion")

@@ -1,7 +1,40 @@
-"""Entry point of ``loongforge-diffusion``: registers this package with LoongForge.
+"""Entry point of ``loongforge-diffusion``: the ``wan_pretrain`` task, its ``diffusion`` config section,
+the Wan size configs and the diffusers <-> ours converters.
 
-No models or converters are registered yet; the package exists so that users can install it
-on its own and so that the plugin contract (API version, discovery) is exercised.
+Importing this module imports no torch (discovery imports every plugin).
 """
 
-LOONGFORGE_API_VERSION = "1.0"
+from __future__ import annotations
+
+from loongforge import hookimpl
+from loongforge.registry import CheckpointConverter, ConfigDir, ConfigSection, Task
+
+LOONGFORGE_API_VERSION = "1.1"
+
+
+@hookimpl
+def loongforge_register_tasks():
+    return [Task(name="wan_pretrain", task="loongforge_diffusion.task:WanTask",
+                 generate="loongforge_diffusion.generate:generate",
+                 description="flow-matching training of a Wan DiT on video latents (writes a sample video)")]
+
+
+@hookimpl
+def loongforge_register_config_sections():
+    return [ConfigSection(name="diffusion", schema="loongforge_diffusion.schema:DiffusionConfig",
+                          description="Wan data, preprocessing, flow matching, packing, sampling")]
+
+
+@hookimpl
+def loongforge_config_dirs():
+    return [ConfigDir(path="pkg://loongforge_diffusion.configs", provider="diffusion")]
+
+
+@hookimpl
+def loongforge_register_checkpoint_converters():
+    return [
+        CheckpointConverter(name="wan-diffusers-to-ours", run="loongforge_diffusion.convert:diffusers_to_ours",
+                            description="diffusers WanTransformer3DModel folder -> our Wan DiT folder"),
+        CheckpointConverter(name="wan-ours-to-diffusers", run="loongforge_diffusion.convert:ours_to_diffusers",
+                            description="our Wan DiT folder -> diffusers WanTransformer3DModel folder"),
+    ]

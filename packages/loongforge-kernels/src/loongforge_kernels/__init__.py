@@ -15,3 +15,8 @@ This package and its :mod:`~loongforge_kernels.plugin` module import neither tor
 so that plugin discovery stays cheap; the operator modules import torch, and triton only when a
 Triton path actually runs.
 """
+
+from importlib.metadata import version as _version
+
+#: the installed distribution's version (pyproject.toml is its one source)
+__version__ = _version("loongforge-kernels")

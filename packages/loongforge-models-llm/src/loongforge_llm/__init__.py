@@ -5,4 +5,7 @@ LoongForge plugin; sizes live in ``loongforge_llm/configs/models/<group>/<size>.
 Importing this package imports no torch.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+#: the installed distribution's version (pyproject.toml is its one source)
+__version__ = _version("loongforge-models-llm")

@@ -8,8 +8,9 @@ from loongforge_llm.llama import FAMILY as LLAMA
 from loongforge_llm.mimo import FAMILY as MIMO
 from loongforge_llm.qwen2 import FAMILY as QWEN2
 from loongforge_llm.qwen3 import FAMILY as QWEN3
+from loongforge_llm.qwen3_moe import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (LLAMA, QWEN2, QWEN3, MIMO)}
+FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (LLAMA, QWEN2, QWEN3, MIMO, QWEN3_MOE)}
 
 
 def get_family(name: str) -> FamilySpec:

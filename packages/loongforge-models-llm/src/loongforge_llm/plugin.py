@@ -1,6 +1,6 @@
 """The LoongForge plugin of ``loongforge-models-llm`` (entry point ``llm``).
 
-Registers the dense decoder families and the ``models/<group>`` Hydra configs. Importing this
+Registers the dense and MoE decoder families and the ``models/<group>`` Hydra configs. Importing this
 module imports no torch or megatron-core.
 """
 
@@ -19,7 +19,7 @@ def loongforge_register_models():
     return [
         ModelFamily(
             name=f.name,
-            builder="loongforge_llm.provider:LLMProvider",
+            builder=f.provider,
             hf_model_types=f.hf_model_types,
             weight_mapping="loongforge_llm.provider:weight_mapping_for",
             hf_config_from_model="loongforge_llm.provider:hf_config_for",
@@ -33,3 +33,17 @@ def loongforge_register_models():
 @hookimpl
 def loongforge_config_dirs():
     return [ConfigDir(path="pkg://loongforge_llm.configs", provider="llm")]
+
+
+@hookimpl
+def loongforge_on_train_start(trainer):
+    from loongforge_llm.moe.metrics import on_train_start
+
+    on_train_start(trainer)
+
+
+@hookimpl
+def loongforge_on_step_end(trainer, step, metrics):
+    from loongforge_llm.moe.metrics import on_step_end
+
+    on_step_end(trainer, step, metrics)

@@ -31,6 +31,7 @@ from loongforge_llm.common.args import (
     to_plain_dict,
 )
 from loongforge_llm.families import family_for_model_type, get_family
+from loongforge_llm.moe.args import has_moe_keys
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +79,11 @@ class LLMProvider:
         self._section = to_plain_dict(model_cfg)
         args = parse_model_args(self._section)
         self.family = get_family(args.family)
+        moe_keys = has_moe_keys(self._section)
+        if moe_keys and not self.family.moe:
+            raise ModelConfigError(
+                f"config key 'model.{moe_keys[0]}': the {args.family} family is dense; MoE keys "
+                f"({', '.join(moe_keys)}) need an MoE family (e.g. model.family=qwen3_moe)")
         self.family.validate(args)
         self.qkv_bias = self.family.has_qkv_bias(args)
         #: the parsed section; ``attention_bias`` normalised to "has q/k/v biases" for the family
@@ -166,6 +172,7 @@ class LLMProvider:
             use_cpu_initialization=(not on_cuda) if cpu_init is None else bool(cpu_init),
             **self._fusion_flags(on_cuda),
         )
+        fields.update(self.extra_config_fields(run))
         fields.update(self._section.get("transformer_config") or {})
         try:
             return TransformerConfig(**fields)
@@ -176,8 +183,13 @@ class LLMProvider:
                 f"(tp={run.tp}, pp={run.pp}, vpp={run.vpp}, cp={run.cp}): {exc}"
             ) from exc
 
-    def layer_spec(self, config: TransformerConfig, backend: Any) -> Any:
-        """The layer spec from the ``loongforge_layer_spec`` hook (default: ``backend.layer_spec``)."""
+    def extra_config_fields(self, run: RunSettings) -> dict[str, Any]:
+        """``TransformerConfig`` fields a subclass adds (e.g. the MoE ones); dense: none."""
+        return {}
+
+    def layer_spec(self, config: TransformerConfig, backend: Any, vp_stage: int | None = None) -> Any:
+        """The layer spec from the ``loongforge_layer_spec`` hook (default: ``backend.layer_spec``);
+        ``vp_stage``: the virtual pipeline stage being built (unused for dense models)."""
         plugins = self._plugins
         if plugins is None:
             from loongforge.plugins import get_plugin_manager
@@ -209,7 +221,7 @@ class LLMProvider:
         _quiet_gptmodel_deprecation()
         model = (model_class or PositionIdsGPTModel)(
             config=config,
-            transformer_layer_spec=self.layer_spec(config, backend),
+            transformer_layer_spec=self.layer_spec(config, backend, vp_stage=vp_stage),
             vocab_size=self.padded_vocab_size(run),
             max_sequence_length=max(a.max_position_embeddings, run.seq_length),
             pre_process=pre_process,
@@ -248,10 +260,12 @@ class LLMProvider:
         tp_rank: int | None = None,
         tp_size: int | None = None,
         run: RunSettings | None = None,
+        mapping: WeightMapping | None = None,
     ) -> None:
         """Load HF tensors into one built chunk (wrappers with ``.module`` such as DDP and
         ``Float16Module`` are looked through). Its pipeline stage and global layer indices are
-        read from the chunk, the TP rank from megatron's parallel state unless given."""
+        read from the chunk, the TP rank from megatron's parallel state unless given.
+        ``mapping``: instead of ``self.weight_mapping(run)`` (e.g. one rank's experts)."""
         from loongforge.weight_mapping import MappingError, load_into
 
         while hasattr(model, "module"):
@@ -262,7 +276,7 @@ class LLMProvider:
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
         names = [n for n, _ in model.named_parameters()]
-        mapping = self.weight_mapping(run).matching(names)
+        mapping = (mapping or self.weight_mapping(run)).matching(names)
         layers = [layer.layer_number - 1 for layer in model.decoder.layers]  # layer_number: global, 1-based
         tensors = mapping.hf_to_ours(
             get_hf_tensor, tp_rank, tp_size, layers=layers,

@@ -13,7 +13,7 @@ from loongforge.registry import ConfigDir, ModelComponent, ModelFamily, Task, To
 
 from loongforge_vlm.model_types import MODEL_TYPES
 
-LOONGFORGE_API_VERSION = "1.0"
+LOONGFORGE_API_VERSION = "1.1"
 
 
 @hookimpl
@@ -86,7 +86,7 @@ def loongforge_register_model_components():
 
 @hookimpl
 def loongforge_register_tasks():
-    return [Task(name="vlm_sft", run="loongforge_vlm.task:run_vlm_sft",
+    return [Task(name="vlm_sft", task="loongforge_vlm.task:VLMTask",
                  description="supervised fine-tuning of a VLM on multimodal conversations (images + text)")]
 
 

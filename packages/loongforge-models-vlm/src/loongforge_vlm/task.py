@@ -1,6 +1,7 @@
 """The ``vlm_sft`` task: the core's training loop on multimodal conversations.
 
-Only what is multimodal differs from ``loongforge.trainer.loop.Trainer``: the dataset
+A :class:`loongforge.trainer.lm.LanguageModelTask` on the core's task contract; only what is
+multimodal differs: the dataset
 (:mod:`loongforge_vlm.data.conversations`, image preprocessing per encoder), the collation of
 variable-size images, the image inputs passed to the model's forward, and the image token id,
 which the model takes from the tokenizer unless ``model.image_token_id`` sets it. Everything else
@@ -15,17 +16,20 @@ import functools
 from pathlib import Path
 
 from loongforge.config import ConfigError
-from loongforge.trainer.batches import masked_token_loss, model_inputs
-from loongforge.trainer.loop import Trainer
-from loongforge.trainer.runtime import runtime
-
-from loongforge_vlm.data.conversations import collate as collate_conversations
+from loongforge.trainer.batches import masked_token_loss
+from loongforge.trainer.lm import LanguageModelTask
+from loongforge.trainer.loop import train
 
 BUILTIN_SHAPES = "builtin:shapes"
 
 
-class VLMTrainer(Trainer):
-    collate = staticmethod(collate_conversations)  # images and their grids ride along
+class VLMTask(LanguageModelTask):
+    """The ``vlm_sft`` task (module docstring)."""
+
+    def collate(self, samples):
+        from loongforge_vlm.data.conversations import collate
+
+        return collate(samples)  # images and their grids ride along
 
     def build_datasets(self):
         from loongforge_vlm.data.conversations import VLMConversationDataset
@@ -80,20 +84,19 @@ class VLMTrainer(Trainer):
                 out += resolve_chat_path(p)
         return out
 
-    def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+    def forward_step(self, batch, model):
+        inputs = self.model_inputs(batch)
         device = self.rt.backend.device()
-        inputs = model_inputs(batch, device, document_attention=self.cfg.data.document_attention)
         for key in ("pixel_values", "image_grid_thw", "mrope_position_ids"):
             inputs[key] = batch[key].to(device)
         output = model(**inputs)
         return output, functools.partial(masked_token_loss, batch["loss_mask"])
 
+    def summarize(self, result: dict) -> dict:
+        result["data_stats"] = self.data_stats
+        return result
+
 
 def run_vlm_sft(cfg, plugins) -> dict:
-    """The ``vlm_sft`` task."""
-    with runtime(cfg, plugins) as rt:
-        trainer = VLMTrainer(cfg, rt)
-        result = trainer.fit()
-        result["data_stats"] = trainer.data_stats
-        return result
+    """Train ``cfg`` as the ``vlm_sft`` task in this process."""
+    return train(cfg, plugins, VLMTask)

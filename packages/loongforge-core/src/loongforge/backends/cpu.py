@@ -10,7 +10,8 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
    context parallelism asks for it) and reports CPU tensors' ``type()`` with the
    ``torch.cuda.`` prefix that megatron-core's optimizers dispatch on;
 2. ``torch.cuda.current_device``/``synchronize``/``manual_seed``/``current_stream``/``stream``
-   are replaced by CPU equivalents;
+   and the ``Stream``/``Event`` classes (megatron-core's all-to-all MoE token dispatcher) are
+   replaced by CPU equivalents;
 3. megatron-core's RNG tracker is a :class:`CpuRNGStatesTracker` (one CPU generator per name), and
    its get/set of the "CUDA" RNG state (used around activation recompute) use the CPU generator;
 4. two collectives megatron-core calls are supplied on gloo groups from ones gloo has had since
@@ -23,7 +24,10 @@ dropout RNG states through ``torch.cuda`` calls. Inside :meth:`CpuBackend.activa
    check is what runs. ``reduce_scatter_tensor``/``all_gather_into_tensor`` (sequence
    parallelism, the distributed optimizer, our context parallelism) need nothing.
 
-All four are undone when the context exits. ``tests/parallel/test_collectives.py`` checks the
+5. ``all_to_all_single`` accepts its split sizes as tensors (:func:`cpu_all_to_all_single`):
+   megatron-core's MoE all-to-all dispatcher turns them into host arrays only for GPU tensors.
+
+All five are undone when the context exits. ``tests/parallel/test_collectives.py`` checks the
 collectives (gloo's and the supplied ones) in two gloo processes; the parity tests next to it
 fail when a megatron-core upgrade needs another adaptation.
 """
@@ -130,8 +134,31 @@ def gloo_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
     return _finish(work, lambda: tensor.div_(dist.get_world_size(group)), async_op)
 
 
+_native_all_to_all_single = dist.all_to_all_single
+
+
+def _split_list(sizes):
+    return sizes if sizes is None or isinstance(sizes, list) else [int(n) for n in sizes.tolist()]
+
+
+def cpu_all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          async_op=False):
+    """``torch.distributed.all_to_all_single`` taking the split sizes as tensors too: megatron-core's
+    MoE all-to-all dispatcher computes them as device tensors and moves them to host numpy arrays
+    only when they live on a GPU, so on the CPU they reach torch as tensors, which its binding
+    rejects. Converted to lists of ints; the collective itself is torch's (gloo has all-to-all)."""
+    return _native_all_to_all_single(output, input, _split_list(output_split_sizes), _split_list(input_split_sizes),
+                                     group=group, async_op=async_op)
+
+
 class _HostStream:
     """Stands in for ``torch.cuda.Stream``: on the CPU all work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _HostEvent()
 
     def wait_event(self, event) -> None:
         pass
@@ -141,6 +168,25 @@ class _HostStream:
 
     def synchronize(self) -> None:
         pass
+
+
+class _HostEvent:
+    """Stands in for ``torch.cuda.Event`` (megatron-core's MoE token dispatcher records some)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 class CpuRNGStatesTracker:
@@ -209,6 +255,9 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(torch.cuda, "manual_seed", lambda seed: None))
             stack.enter_context(mock.patch.object(torch.cuda, "current_stream", lambda *a, **k: _HostStream()))
             stack.enter_context(mock.patch.object(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()))
+            # megatron-core's all-to-all MoE dispatcher keeps a side stream for its device-to-host copies
+            stack.enter_context(mock.patch.object(torch.cuda, "Stream", _HostStream))
+            stack.enter_context(mock.patch.object(torch.cuda, "Event", _HostEvent))
             # activation recompute saves and restores the "CUDA" RNG state around each checkpoint
             stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
             stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
@@ -216,6 +265,7 @@ class CpuBackend(Backend):
             stack.enter_context(mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
             stack.enter_context(mock.patch.object(dist, "reduce_scatter", gloo_reduce_scatter))
             stack.enter_context(mock.patch.object(dist, "all_reduce", gloo_all_reduce))
+            stack.enter_context(mock.patch.object(dist, "all_to_all_single", cpu_all_to_all_single))
             stack.enter_context(_CpuDeviceMode())
             yield self
 

@@ -65,9 +65,26 @@ def _check_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> None:
             _check_keys(sub, sub_schema, full + ".")
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Merge ``cfg`` into the schema: unknown keys and wrong types fail naming the key."""
+def run_schema(registry=None) -> DictConfig:
+    """The run config's schema: the core's sections plus the plugins' registered config sections."""
     schema = OmegaConf.structured(RunConfig)
+    if registry is not None and registry.config_sections:
+        from omegaconf import open_dict
+
+        from loongforge.registry import load_object
+
+        with open_dict(schema):
+            for name, section in registry.config_sections.items():
+                if name in schema:
+                    raise ConfigError(f"config section {name!r} of a plugin clashes with the core's section")
+                schema[name] = OmegaConf.structured(load_object(section.schema))
+    return schema
+
+
+def validate(cfg: DictConfig, registry=None) -> DictConfig:
+    """Merge ``cfg`` into the schema (with the plugins' sections from ``registry``): unknown keys
+    and wrong types fail naming the key."""
+    schema = run_schema(registry)
     _check_keys(cfg, schema)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -98,6 +115,8 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
 
         registry = get_plugin_manager().registry()
     config_dir, name, search = _primary(config, _search_paths(registry))
+    if config_dir == "." and not Path(config).exists():  # a config name that no installed plugin holds
+        raise ConfigError(_explain("Cannot find primary config", name, search))
     hydra_overrides = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
     try:
         if config_dir.startswith("pkg://"):
@@ -111,13 +130,19 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(str(exc), name, search)) from exc
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    return validate(cfg)
+    return validate(cfg, registry)
 
 
 def _explain(message: str, name: str, search: list[str]) -> str:
+    from loongforge.known_packages import hint_for_hydra_message, install_hint
+
     hint = ""
     if "Cannot find primary config" in message:
+        if known := install_hint("config", name):
+            return f"no config named {name!r} in the installed plugins. {known}"
         hint = f" Searched: {', '.join(search) or 'no plugin config directories'}."
+    elif known := hint_for_hydra_message(message):
+        hint = f" {known}"
     elif "Could not override" in message or "Key '" in message:
         hint = " Prefix a new key with '+' to add it, or check its spelling with `loongforge config show`."
     return f"{message.strip()}{hint}"

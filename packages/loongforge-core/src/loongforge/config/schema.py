@@ -85,6 +85,10 @@ class ParallelConfig:
     pp: int = 1
     vpp: int | None = None
     cp: int = 1
+    #: expert parallelism (MoE models): the experts of each MoE layer split over ``ep`` ranks
+    ep: int = 1
+    #: expert tensor parallelism: each expert's FFN split over ``etp`` ranks (1: whole experts)
+    etp: int = 1
     sequence_parallel: bool = False
 
 

@@ -92,9 +92,9 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, trainer_stat
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer), str(tmp))
+    dist_checkpointing.save(_sharded_state(chunks, optimizer), str(tmp))  # into an empty directory
+    (tmp / "rng").mkdir(exist_ok=True)  # after megatron's save: it warns about a non-empty directory
     save_file(_flatten_rng(backend.rng_state()), str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
     if rank == 0:
         atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))

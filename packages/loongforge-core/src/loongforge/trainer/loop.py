@@ -1,8 +1,10 @@
-"""The pre-training loop: build, (resume), step, evaluate, checkpoint, report."""
+"""The training loop of every task: build, (resume), step, evaluate, checkpoint, report.
+
+The task (:mod:`loongforge.task`) supplies the model, data and loss; this module keeps the rest.
+"""
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from pathlib import Path
@@ -10,62 +12,40 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
-from loongforge.data.packing import collate as collate_packed
 from loongforge.parallel import configure_pipeline_schedule
 from loongforge.plugins import lookup
 from loongforge.registry import load_object
+from loongforge.task import TrainTask
 from loongforge.trainer import checkpoint as ckpt
-from loongforge.trainer.batches import masked_token_loss, model_inputs, split_for_context_parallel
-from loongforge.trainer.metrics import RunLogger, flops_per_token, mfu
-from loongforge.trainer.model import (
-    build_model_chunks,
-    load_pretrained,
-    model_provider,
-    resolve_model_section,
-    run_settings,
-)
+from loongforge.trainer.metrics import RunLogger, mfu
+from loongforge.trainer.model import per_token_loss_settings
 from loongforge.trainer.optim import build_optimizer, build_scheduler
 from loongforge.trainer.runtime import Runtime, runtime
 
 
-def load_tokenizer(cfg, plugins):
-    record = lookup(plugins.registry().tokenizers, cfg.tokenizer.type, "tokenizer type (config key 'tokenizer.type')")
-    return load_object(record.loader)(cfg.tokenizer.path)
-
-
-def build_datasets(cfg, tokenizer, plugins):
-    record = lookup(plugins.registry().datasets, cfg.data.format, "dataset format (config key 'data.format')")
-    return load_object(record.builder)(cfg.data, tokenizer, seq_length=cfg.train.seq_length, seed=cfg.seed)
-
-
 class Trainer:
-    """One training process. Plugins see it in the lifecycle hooks (``trainer.cfg``, ``.step``...)."""
+    """One training process of a task (:class:`loongforge.task.TrainTask`). The trainer keeps the
+    layout, optimizer, schedule, data order, checkpoints, metrics and hooks; the task supplies the
+    model, the data and the loss. Plugins see it in the lifecycle hooks (``trainer.cfg``,
+    ``.step``, ``.task``, ``.model``...)."""
 
-    def __init__(self, cfg, rt: Runtime):
-        from loongforge.data.tokenizer import check_vocab
-
-        self.cfg, self.rt, self.hooks = cfg, rt, rt.plugins.hook
-        self.provider = model_provider(cfg, rt.plugins)
-        self.settings = run_settings(cfg)
-        m = cfg.model
+    def __init__(self, cfg, rt: Runtime, task: TrainTask):
+        self.cfg, self.rt, self.task, self.hooks = cfg, rt, task, rt.plugins.hook
         self.layout = rt.layout
-        self.tokenizer = load_tokenizer(cfg, rt.plugins)
-        self.vocab_size = self.provider.padded_vocab_size(self.settings)
-        check_vocab(self.tokenizer, int(m.get("vocab_size", self.vocab_size)))
-        self.train_ds, self.valid_ds = self.build_datasets()
+        self.train_ds, self.valid_ds = task.build_datasets()
 
         rt.backend.manual_seed(cfg.seed)
-        chunks = build_model_chunks(self.provider, self.settings, rt.backend, rt.plugins)
-        configure_pipeline_schedule(chunks[0].config, self.layout)
-        if cfg.model.get("pretrained"):
-            load_pretrained(self.provider, chunks, cfg.model.pretrained)
-        chunks = self._prepare_chunks(chunks)
+        chunks = task.build_model()
+        self.config = chunks[0].config
+        per_token_loss_settings(self.config)
+        _complete_module_contract(chunks, self.layout.pp)
+        configure_pipeline_schedule(self.config, self.layout)
         self.model = self.hooks.loongforge_parallelize(name="model", modules=chunks, cfg=cfg, backend=rt.backend)
         rt.backend.after_data_parallel(self.model)
-        self.config = chunks[0].config
         self.optimizer = build_optimizer(cfg, self.model, rt.backend)
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
@@ -73,37 +53,30 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
         self._maybe_resume()
         self.train_batches = self._batches(self.train_ds, self.consumed_samples)
-        self.flops_token = flops_per_token(self.config, self.vocab_size, cfg.train.seq_length)
-
-    # --- extension points for task subclasses (e.g. loongforge.trainer.sft) -------------------
-
-    def build_datasets(self):
-        """``(train, valid or None)``; the default builds ``data.format``'s registered dataset."""
-        return build_datasets(self.cfg, self.tokenizer, self.rt.plugins)
-
-    def _prepare_chunks(self, chunks: list) -> list:
-        """Change the built (and pretrained-loaded) chunks before data-parallel wrapping (e.g. LoRA)."""
-        return chunks
-
-    #: samples -> one micro-batch; a task whose samples carry more (e.g. images) swaps it
-    collate = staticmethod(collate_packed)
+        self.units_per_sample = task.units_per_sample()
+        self.flops_unit = task.flops_per_unit()
+        task.on_train_start(self)
 
     def _batches(self, dataset, consumed_samples: int):
         """This rank's micro-batches from ``consumed_samples`` on (resumable to the sample)."""
-        from loongforge.data.builder import build_pretrain_dataloader
+        from torch.utils.data import DataLoader
 
-        return iter(build_pretrain_dataloader(
-            dataset, micro_batch_size=self.cfg.train.micro_batch_size,
-            global_batch_size=self.cfg.train.global_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
-            consumed_samples=consumed_samples, seed=self.cfg.seed, collate_fn=self.collate,
-        ))
+        from loongforge.data.sampler import PretrainingSampler
+
+        sampler = self.task.batch_sampler(dataset, consumed_samples, training=dataset is self.train_ds)
+        if sampler is None:
+            sampler = PretrainingSampler(
+                len(dataset), self.cfg.train.micro_batch_size, self.cfg.train.global_batch_size,
+                parallel_state.get_data_parallel_rank(), self.layout.dp,
+                consumed_samples=consumed_samples, seed=self.cfg.seed)
+        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
     def _maybe_resume(self) -> None:
         load = self.cfg.checkpoint.load
         path = ckpt.latest_checkpoint(self.ckpt_dir) if load == "auto" else (Path(load) if load else None)
+        path = self.task.resume_from(path)
         if path is None:
             return
         weights_only = self.cfg.checkpoint.weights_only
@@ -122,21 +95,19 @@ class Trainer:
                                     self.rt.backend, self.cfg.checkpoint.keep_last)
         if self.rt.is_main:
             OmegaConf.save(self.cfg, self.ckpt_dir / "config.yaml")
-            self.tokenizer.save_pretrained(str(self.ckpt_dir / "tokenizer"))
+            self.task.save_extra(self.ckpt_dir)
         self.hooks.loongforge_on_checkpoint_save(trainer=self, step=self.step, path=str(path))
         return path
 
     # --- one step --------------------------------------------------------------------------------
 
     def _forward_step(self, data_iterator, model):
-        batch = split_for_context_parallel(next(data_iterator))  # this CP rank's tokens (cp=1: all)
-        inputs = model_inputs(batch, self.rt.backend.device(), self.cfg.data.document_attention)
-        output = model(**inputs)
-        return output, functools.partial(masked_token_loss, batch["loss_mask"])
+        return self.task.forward_step(next(data_iterator), model)
 
-    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> torch.Tensor:
-        """Forward (and backward) over ``microbatches``; returns [summed loss, tokens] over the world,
-        on the device (read it after the optimizer step is queued: reading syncs with the GPU)."""
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> tuple[torch.Tensor, list[str]]:
+        """Forward (and backward) over ``microbatches``; returns ([summed loss, units, extras...]
+        over the world, on the device: read it after the optimizer step is queued, reading syncs
+        with the GPU) and the names of the extra logged values."""
         iters = [iter(microbatches) for _ in self.model]
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -147,13 +118,15 @@ class Trainer:
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
+        extras = self.task.logged_values  # the same on every rank (only the last stage sees the loss dicts)
         # on the device: NCCL reduces only device tensors
-        totals = torch.zeros(2, dtype=torch.float64, device=self.rt.backend.device())
+        totals = torch.zeros(2 + len(extras), dtype=torch.float64, device=self.rt.backend.device())
         for item in losses or ():
-            totals += torch.stack([item["loss_sum"].double(), item["tokens"].double()])
+            values = [item["loss_sum"], item["tokens"], *(item[k] for k in extras)]
+            totals += torch.stack([v.detach().double().reshape(()).to(totals.device) for v in values])
         # every model-parallel copy of a data-parallel replica adds the same numbers to both sums
         dist.all_reduce(totals)
-        return totals
+        return totals, extras
 
     def _next_global_batch(self) -> list[dict]:
         batches = [next(self.train_batches) for _ in range(self.layout.num_microbatches)]
@@ -164,28 +137,30 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        totals = self._run_schedule(self._next_global_batch(), forward_only=False)
+        totals, extras = self._run_schedule(self._next_global_batch(), forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()  # grad_norm: a float, a device tensor or None
         self.step += 1
         self.scheduler.step(increment=1)
-        loss_sum, tokens = totals.tolist()
-        return {"loss": loss_sum / max(tokens, 1), "grad_norm": 0.0 if grad_norm is None else float(grad_norm),
-                "skipped": float(not ok)}
+        loss_sum, units, *extra = totals.tolist()
+        return {"loss": loss_sum / max(units, 1), "grad_norm": 0.0 if grad_norm is None else float(grad_norm),
+                "skipped": float(not ok), **{k: v / max(units, 1) for k, v in zip(extras, extra, strict=True)},
+                **self.task.step_metrics()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.valid_ds is None:
             return {}
         batches = self._batches(self.valid_ds, 0)
-        loss_sum = tokens = 0.0
+        loss_sum = units = 0.0
         for _ in range(self.cfg.train.eval_steps):
             mbs = [next(batches) for _ in range(self.layout.num_microbatches)]
-            s, t = self._run_schedule(mbs, forward_only=True).tolist()
-            loss_sum, tokens = loss_sum + s, tokens + t
+            totals, _ = self._run_schedule(mbs, forward_only=True)
+            s, t = totals[:2].tolist()
+            loss_sum, units = loss_sum + s, units + t
         for chunk in self.model:
             chunk.train()
-        loss = loss_sum / max(tokens, 1)
-        return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
+        loss = loss_sum / max(units, 1)
+        return {"loss": loss, "ppl": float(torch.tensor(loss).exp())} if self.task.unit == "tokens" else {"loss": loss}
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -196,7 +171,8 @@ class Trainer:
         self.hooks.loongforge_on_train_start(trainer=self)
         first_loss = last_loss = None
         peak = rt.backend.peak_flops(cfg.train.precision)
-        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        units_per_step = cfg.train.global_batch_size * self.units_per_sample
+        rate_key = "tokens_per_s" if self.task.unit == "tokens" else "samples_per_s"
         try:
             while self.step < total:
                 rt.backend.synchronize()
@@ -204,9 +180,9 @@ class Trainer:
                 metrics = self.train_step()
                 rt.backend.synchronize()
                 elapsed = time.perf_counter() - start
-                tps = tokens_per_step / elapsed
-                metrics |= {"lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tps,
-                            "mfu": mfu(tps / rt.world_size, self.flops_token, peak),
+                rate = units_per_step / elapsed
+                metrics |= {"lr": self.optimizer.param_groups[0]["lr"], rate_key: rate,
+                            "mfu": mfu(rate / rt.world_size, self.flops_unit, peak) if self.flops_unit else None,
                             **rt.backend.memory_stats()}
                 first_loss = metrics["loss"] if first_loss is None else first_loss
                 last_loss = metrics["loss"]
@@ -233,6 +209,35 @@ class Trainer:
         return {"first_loss": first_loss, "last_loss": last_loss, "history": logger.history}
 
 
+def _has_wrapped_attr(module, name: str) -> bool:
+    while module is not None:
+        if hasattr(module, name):
+            return True
+        module = getattr(module, "module", None)
+    return False
+
+
+def _complete_module_contract(chunks: list, pp: int) -> None:
+    """What megatron-core's schedules ask of a model chunk, for a task's own module (a
+    ``GPTModel`` has all of it): ``model_type`` (default: encoder-or-decoder) and, without
+    pipeline parallelism, a no-op ``set_input_tensor``. Under pipelining a task's chunk must take
+    the previous stage's activations itself, so a missing ``set_input_tensor`` is an error."""
+    from loongforge.config import ConfigError
+
+    for chunk in chunks:
+        if not _has_wrapped_attr(chunk, "model_type"):
+            chunk.model_type = ModelType.encoder_or_decoder
+        if not _has_wrapped_attr(chunk, "set_input_tensor"):
+            if pp > 1:
+                raise ConfigError(f"config key 'parallel.pp' = {pp}: the task's model {type(chunk).__name__} has no "
+                                  "set_input_tensor(tensor), so it cannot run as a pipeline stage")
+            chunk.set_input_tensor = _no_pipeline_input
+
+
+def _no_pipeline_input(tensor) -> None:
+    """``set_input_tensor`` of a chunk without pipeline parallelism: the schedule passes ``None``."""
+
+
 #: scheduler state keys -> the config keys that set them
 _SCHEDULE_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "scheduler.warmup_steps",
                   "lr_decay_steps": "scheduler.decay_steps (default: train.steps)",
@@ -249,8 +254,24 @@ def warn_schedule_change(path, saved: dict, configured: dict) -> None:
                       + "; ".join(changed), stacklevel=2)
 
 
-def run_pretrain(cfg, plugins) -> dict:
-    """The ``pretrain`` task."""
-    cfg = resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes validated first
+def train(cfg, plugins, task_cls: type[TrainTask]) -> dict:
+    """Train ``cfg`` with ``task_cls`` in this process (one rank of the world torchrun set up)."""
+    cfg = task_cls.resolve_config(cfg, plugins)
     with runtime(cfg, plugins) as rt:
-        return Trainer(cfg, rt).fit()
+        task = task_cls(cfg, rt)
+        return task.summarize(Trainer(cfg, rt, task).fit())
+
+
+def run_pretrain(cfg, plugins) -> dict:
+    """Train ``cfg`` as the ``pretrain`` task in this process."""
+    from loongforge.trainer.lm import PretrainTask
+
+    return train(cfg, plugins, PretrainTask)
+
+
+def run(cfg, plugins) -> dict | None:
+    """Run the task that ``cfg.task`` names: a trained :class:`TrainTask` or a plain ``run`` callable."""
+    record = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
+    if record.task:
+        return train(cfg, plugins, load_object(record.task))
+    return load_object(record.run)(cfg, plugins)

@@ -138,6 +138,8 @@ def _format(metrics: dict[str, float]) -> str:
             parts.append(f"MFU {100 * value:.1f}%")
         elif key == "tokens_per_s":
             parts.append(f"{value:,.0f} tok/s")
+        elif key == "samples_per_s":
+            parts.append(f"{value:,.2f} samples/s")
         elif key.endswith("_gib"):
             parts.append(f"{key[:-4]} {value:.2f} GiB")
         else:

@@ -15,7 +15,7 @@ from loongforge.registry import load_object
 def run_settings(cfg) -> RunSettings:
     p, t = cfg.parallel, cfg.train
     return RunSettings(
-        tp=p.tp, pp=p.pp, vpp=p.vpp if (p.vpp or 1) > 1 else None, cp=p.cp,
+        tp=p.tp, pp=p.pp, vpp=p.vpp if (p.vpp or 1) > 1 else None, cp=p.cp, ep=p.ep, etp=p.etp,
         sequence_parallel=p.sequence_parallel, bf16=t.precision == "bf16", seq_length=t.seq_length,
         recompute_granularity=t.recompute.granularity, recompute_method=t.recompute.method,
         recompute_num_layers=t.recompute.num_layers,
@@ -65,10 +65,7 @@ def model_provider(cfg, plugins):
 def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> list:
     """One module per virtual pipeline stage of this rank, on the backend's device."""
     config = provider.transformer_config(settings)
-    # losses are summed per token and divided by the global token count in finalize_model_grads,
-    # so gradient accumulation and data parallelism give the same mean as one big batch
-    config.calculate_per_token_loss = True
-    config.finalize_model_grads_func = finalize_model_grads
+    per_token_loss_settings(config)
     chunks = []
     for vp_stage in range(settings.vpp or 1):
         vp = vp_stage if settings.vpp else None
@@ -78,11 +75,22 @@ def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> lis
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
         )
-        chunk = chunk.to(backend.device())
-        if settings.bf16:
-            chunk = Float16Module(config, chunk)
-        chunks.append(chunk)
-    return chunks
+        chunks.append(chunk.to(backend.device()))
+    return wrap_precision(chunks, config, settings.bf16)
+
+
+def wrap_precision(chunks: list, config, bf16: bool) -> list:
+    """bf16 runs: each chunk in megatron-core's ``Float16Module`` (bf16 weights and compute; the
+    optimizer keeps fp32 master weights). A task's ``build_model`` calls this last."""
+    return [Float16Module(config, chunk) for chunk in chunks] if bf16 else chunks
+
+
+def per_token_loss_settings(config) -> None:
+    """Losses are summed per unit and gradients divided by the global number of units in
+    ``finalize_model_grads``, so gradient accumulation and data parallelism give the mean over
+    the global batch (the trainer applies this to every task's model config)."""
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
 
 
 def load_pretrained(provider, chunks, path: str) -> None:

@@ -61,8 +61,9 @@ def runtime(cfg, plugins):
     rank, world, local_rank = ((int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
                                if launched else (0, 1, 0))
     m = cfg.model
+    experts = m.get("num_experts") or m.get("num_local_experts") or m.get("n_routed_experts")
     layout = validate_layout(cfg, world, m.get("num_hidden_layers"), m.get("num_attention_heads"),
-                             m.get("num_key_value_heads"))
+                             m.get("num_key_value_heads"), experts)
     with backend.activate(local_rank), foreach_multi_tensor_ops():
         # a world of one rendezvous in memory: no port to race for with other runs on the machine
         store = None if launched else dist.HashStore()

@@ -19,32 +19,35 @@ from megatron.core import parallel_state
 
 from loongforge.config import ConfigError
 from loongforge.trainer import checkpoint as ckpt
-from loongforge.trainer.loop import Trainer
-from loongforge.trainer.model import resolve_model_section
-from loongforge.trainer.runtime import runtime
+from loongforge.trainer.lm import LanguageModelTask
+from loongforge.trainer.loop import Trainer, train
 
 
-class SFTTrainer(Trainer):
-    """The pre-training :class:`Trainer` with the three differences of the module docstring."""
+class SFTTask(LanguageModelTask):
+    """The pre-training task with the three differences of the module docstring."""
 
     def __init__(self, cfg, rt):
-        self._balance_log: list[tuple[float, float]] = []
         super().__init__(cfg, rt)
-        self._report_start()
+        self._balance_log: list[tuple[float, float]] = []
+        self.base_checkpoint = None
 
     def build_datasets(self):
         from loongforge.data.sft import build_sft_dataset
 
         train, valid = build_sft_dataset(self.cfg, self.tokenizer, self.cfg.train.seq_length, self.cfg.seed)
         self.sft_stats = train.stats
+        self._train_ds = train
         return train, valid
 
-    def _prepare_chunks(self, chunks):
+    def build_model(self) -> list:
         from loongforge.peft.lora import apply_lora_config
 
-        self._base_checkpoint = self._adapterless_checkpoint()
-        if self._base_checkpoint is not None:
-            ckpt.load_checkpoint(self._base_checkpoint, chunks, None, self.rt.backend, load_rng=False)
+        chunks = super().build_model()
+        self.base_checkpoint = self._adapterless_checkpoint()
+        if self.base_checkpoint is not None:
+            # the base weights, loaded before the adapters exist; the trainer's resume then finds
+            # no checkpoint.load of its own to apply (see resolve_config)
+            ckpt.load_checkpoint(self.base_checkpoint, chunks, None, self.rt.backend, load_rng=False)
         self.lora_modules = apply_lora_config(chunks, self.cfg)
         return chunks
 
@@ -68,52 +71,44 @@ class SFTTrainer(Trainer):
                               "this LoRA run's optimizer; set checkpoint.weights_only=true to start from its weights")
         return path
 
-    def _maybe_resume(self) -> None:
-        if self._base_checkpoint is None:
-            super()._maybe_resume()
-        else:
-            self.hooks.loongforge_on_checkpoint_load(trainer=self, step=self.step, path=str(self._base_checkpoint))
-
     def _cost_b(self) -> float:
         b = self.cfg.sft.cost_b
         return float(b) if b is not None else 1.0 / (12.0 * int(self.cfg.model.get("hidden_size", 1024)))
 
-    def _batches(self, dataset, consumed_samples: int):
-        from torch.utils.data import DataLoader
-
-        from loongforge.data.packing import collate
+    def batch_sampler(self, dataset, consumed_samples: int, training: bool):
         from loongforge.data.sft import BalancedSampler
 
         if not (self.cfg.sft.balance_dp and hasattr(dataset, "sample_lengths")):
-            return super()._batches(dataset, consumed_samples)
-        training = dataset is self.train_ds
-        sampler = BalancedSampler(
+            return None
+        return BalancedSampler(
             dataset, micro_batch_size=self.cfg.train.micro_batch_size,
             global_batch_size=self.cfg.train.global_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.layout.dp,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.rt.layout.dp,
             consumed_samples=consumed_samples, seed=self.cfg.seed,
             cost_a=self.cfg.sft.cost_a, cost_b=self._cost_b(),
             on_batch=(lambda step, before, after: self._balance_log.append((before, after))) if training else None,
         )
-        return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
 
-    def train_step(self) -> dict[str, float]:
-        metrics = super().train_step()
-        if self._balance_log and self.layout.dp > 1:
+    def resume_from(self, path):
+        return None if self.base_checkpoint is not None else path  # the base was loaded before the adapters
+
+    def step_metrics(self) -> dict[str, float]:
+        if self._balance_log and self.rt.layout.dp > 1:
             before, after = self._balance_log[-1]
-            metrics |= {"dp_imbalance_before": before, "dp_imbalance_after": after}
-        return metrics
+            return {"dp_imbalance_before": before, "dp_imbalance_after": after}
+        return {}
 
-    def _report_start(self) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Data and trainable-parameter summary (main rank), once the trainer is built."""
         if not self.rt.is_main:
             return
         from loongforge.peft.lora import trainable_summary
 
         s = self.sft_stats
         print(f"sft data: {s.summary()}", flush=True)
-        counts = trainable_summary(self.model)
+        counts = trainable_summary(trainer.model)
         # what the optimizer really holds (its fp32 copies under bf16): the adapters only under LoRA
-        held = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        held = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
         moments = held * 8  # Adam: two fp32 moments per parameter
         lora = self.cfg.peft.lora
         what = f"LoRA rank {lora.rank} on {len(self.lora_modules)} linears" if lora.rank > 0 else "full fine-tuning"
@@ -121,19 +116,23 @@ class SFTTrainer(Trainer):
               f"({100 * counts['trainable'] / max(1, counts['total']):.2f}%) on this rank; optimizer over "
               f"{held:,} parameters, Adam state {moments / 2**20:.2f} MiB", flush=True)
 
-
-def run_sft(cfg, plugins) -> dict:
-    """The ``sft`` task."""
-    cfg = resolve_model_section(cfg, plugins)  # model.pretrained fills in the sizes validated first
-    with runtime(cfg, plugins) as rt:
-        trainer = SFTTrainer(cfg, rt)
-        result = trainer.fit()
-        result["sft_stats"] = trainer.sft_stats
-        if trainer._balance_log:
-            before = [b for b, _ in trainer._balance_log]
-            after = [a for _, a in trainer._balance_log]
+    def summarize(self, result: dict) -> dict:
+        result["sft_stats"] = self.sft_stats
+        if self._balance_log:
+            before = [b for b, _ in self._balance_log]
+            after = [a for _, a in self._balance_log]
             result["dp_imbalance"] = (sum(before) / len(before), sum(after) / len(after))
-            if rt.is_main and trainer.layout.dp > 1:
+            if self.rt.is_main and self.rt.layout.dp > 1:
                 print(f"dp load balance: max/mean cost {result['dp_imbalance'][0]:.3f} (contiguous split) -> "
                       f"{result['dp_imbalance'][1]:.3f} (balanced)", flush=True)
         return result
+
+
+def SFTTrainer(cfg, rt) -> Trainer:  # noqa: N802 - reads as the class it used to be
+    """The core's trainer running the ``sft`` task in runtime ``rt`` (for scripts and tests)."""
+    return Trainer(cfg, rt, SFTTask(cfg, rt))
+
+
+def run_sft(cfg, plugins) -> dict:
+    """Train ``cfg`` as the ``sft`` task in this process."""
+    return train(cfg, plugins, SFTTask)

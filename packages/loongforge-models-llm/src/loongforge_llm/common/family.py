@@ -19,6 +19,7 @@ class FamilySpec:
     always has q/k/v biases, ``None`` when ``attention_bias`` decides. ``hf_reference``: the
     ``transformers`` class the parity tests compare against; ``None`` when there is none, in which
     case ``supported`` is ``False``. ``ignore_hf``: regexes of HF tensors knowingly not loaded.
+    ``provider``/``moe``: see the fields (MoE families: ``loongforge_llm.moe``).
     """
 
     name: str
@@ -33,6 +34,10 @@ class FamilySpec:
     supported: bool = True
     ignore_hf: tuple[str, ...] = ()
     description: str = ""
+    #: the ``ModelProvider`` class (``"module:Class"``) that builds the family
+    provider: str = "loongforge_llm.provider:LLMProvider"
+    #: a mixture-of-experts family (dense families refuse MoE keys)
+    moe: bool = False
 
     def has_qkv_bias(self, args: DenseArgs) -> bool:
         return True if self.qkv_bias else args.attention_bias

@@ -1,0 +1,50 @@
+"""Ulysses context parallelism over video tokens.
+
+A sample's ``S`` tokens are cut into ``cp`` contiguous parts, part ``r`` on CP rank ``r``
+(:func:`split_tokens`). Everything but self-attention is per token, so it runs on the local part
+unchanged (the text context is replicated; cross-attention needs no communication). Around
+self-attention one all-to-all turns ``[B, S/cp, H, D]`` (all heads, local tokens) into
+``[B, S, H/cp, D]`` (all tokens, local heads); attention runs over the whole sequence with the full
+``[B, 1, S, S]`` mask of packed clips; a second all-to-all brings ``[B, S/cp, H, D]`` back. Both are
+``torch.distributed.nn.functional.all_to_all`` (differentiable: the backward is the reverse
+all-to-all). Heads (after TP) must be divisible by ``cp``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_to_all
+
+    cp = group.size()
+    inputs = [t.contiguous() for t in x.chunk(cp, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(cp)]
+    return torch.cat(all_to_all(outputs, inputs, group=group), dim=gather_dim)
+
+
+def ulysses_attention(attend, q, k, v, mask, group):
+    """``attend(q, k, v, mask)`` over the full sequence for local-token inputs ``[B, S/cp, H, D]``."""
+    if q.shape[2] % group.size():
+        raise ValueError(f"Ulysses CP: {q.shape[2]} local heads are not divisible by cp={group.size()}")
+    q, k, v = (_all_to_all(t, 2, 1, group) for t in (q, k, v))
+    out = attend(q, k, v, mask)
+    return _all_to_all(out, 1, 2, group)
+
+
+def split_tokens(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch.Tensor:
+    """CP rank ``cp_rank``'s contiguous part of ``x`` along ``dim`` (the token dimension)."""
+    if x.shape[dim] % cp_size:
+        raise ValueError(f"context parallelism: {x.shape[dim]} tokens are not divisible by cp={cp_size} "
+                         "(choose diffusion.buckets / num_frames so the token count is a multiple of parallel.cp)")
+    return x.chunk(cp_size, dim=dim)[cp_rank]
+
+
+def enable(model: torch.nn.Module, group) -> None:
+    """Route every self-attention of ``model`` through Ulysses over ``group`` (None: off)."""
+    from loongforge_diffusion.wan.model import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention) and not m.cross:
+            m.cp_group = group if group is not None and group.size() > 1 else None

@@ -1,0 +1,1 @@
+"""LeRobotDataset v3.0 reading and a synthetic dataset writer."""

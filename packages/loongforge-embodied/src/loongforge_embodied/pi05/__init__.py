@@ -1,0 +1,1 @@
+"""Pi0 / Pi0.5 (openpi) vision-language-action policy."""
