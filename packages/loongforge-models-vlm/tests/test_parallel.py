@@ -1,7 +1,8 @@
 """Parallel layouts of a VLM give the losses of one process (2 gloo processes each, CPU):
 
-- heterogeneous TP: the vision encoder and projector stay whole (TP=1, replicated on every TP
-  rank) while the LLM runs TP=2;
+- heterogeneous TP: the vision encoder and projector stay whole (TP=1) while the LLM runs TP=2,
+  the two TP ranks each encoding half of the micro-batch's images (encoder data parallelism over the
+  TP ranks, the default) or both encoding all of them (``split_images=false``);
 - PP=2: the encoder and projector exist on the first pipeline stage only, the LLM's layers are
   split over the two stages;
 - encoder TP=2 with LLM TP=2 (``custom_combined``: InternViT x Qwen3): the encoder's heads and MLP
@@ -63,12 +64,13 @@ def setup(tmp_path_factory, mcore):
     return config, common, losses, tmp
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["encoder_tp1_llm_tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "model.image_encoder.parallel.split_images=false"],
+                                    ["parallel.pp=2"]], ids=["encoder_tp1_llm_tp2", "encoder_tp1_llm_tp2_replicated", "pp2"])
 def test_two_processes_match_one(setup, layout):
     from loongforge.testing import run_cli
 
     config, common, a, tmp = setup
-    out = tmp / layout[0].replace("=", "")
+    out = tmp / "_".join(x.replace("=", "").replace(".", "") for x in layout)
     two = run_cli("run", str(config), "--nproc-per-node", "2", *layout, f"output_dir={out}", *common, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     b = _losses(out)

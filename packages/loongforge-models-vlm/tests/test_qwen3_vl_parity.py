@@ -251,3 +251,20 @@ def test_deepstack_through_megatron_recompute(mcore, tiny_section):
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
     assert g0["image_projector.deepstack_merger_list.0.linear_fc2.weight"].abs().sum() > 0
+
+
+def test_deepstack_spec_accepts_layer_and_block_specs():
+    """A backend may give one layer spec or a block spec with one spec per layer (per-layer kernels)."""
+    from loongforge.modules.layer_spec import local_sdpa_spec
+    from loongforge_vlm.deepstack import DeepStackMixin, with_deepstack
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    layer = local_sdpa_spec(TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2))
+    assert issubclass(with_deepstack(layer).module, DeepStackMixin)
+    block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[layer, layer]))
+    out = with_deepstack(block)
+    assert out.module is TransformerBlock and all(issubclass(s.module, DeepStackMixin) for s in out.submodules.layer_specs)
+    with pytest.raises(TypeError, match="TransformerLayer or TransformerBlock"):
+        with_deepstack(ModuleSpec(module=torch.nn.Linear))

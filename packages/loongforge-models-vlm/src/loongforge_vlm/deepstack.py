@@ -19,9 +19,11 @@ stages exchange only the hidden states.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from loongforge_vlm.model import MRopeGPTModel
@@ -44,10 +46,16 @@ def _layer_class(base: type) -> type:
 
 
 def with_deepstack(spec: ModuleSpec) -> ModuleSpec:
-    """``spec`` (a transformer-layer ``ModuleSpec``) with its layer class made DeepStack-aware."""
-    if not isinstance(spec, ModuleSpec) or not (isinstance(spec.module, type) and issubclass(spec.module, TransformerLayer)):
-        raise TypeError(f"DeepStack needs a TransformerLayer ModuleSpec as the LLM's layer spec, got {spec!r}")
-    return ModuleSpec(module=_layer_class(spec.module), params=dict(spec.params or {}), submodules=spec.submodules)
+    """``spec`` (a transformer-layer ``ModuleSpec``, or a block spec listing one per layer, as
+    backends with per-layer kernels give) with its layer classes made DeepStack-aware."""
+    module = spec.module if isinstance(spec, ModuleSpec) else None
+    if isinstance(module, type) and issubclass(module, TransformerLayer):
+        return ModuleSpec(module=_layer_class(module), params=dict(spec.params or {}), submodules=spec.submodules)
+    if isinstance(module, type) and issubclass(module, TransformerBlock):
+        subs = dataclasses.replace(spec.submodules, layer_specs=[with_deepstack(s) for s in spec.submodules.layer_specs])
+        return ModuleSpec(module=module, params=dict(spec.params or {}), submodules=subs)
+    raise TypeError(f"DeepStack needs a TransformerLayer or TransformerBlock ModuleSpec as the LLM's layer spec, "
+                    f"got {spec!r}")
 
 
 class DeepStackGPTModel(MRopeGPTModel):

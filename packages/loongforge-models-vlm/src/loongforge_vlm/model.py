@@ -1,10 +1,11 @@
 """The combination model: which parts exist on this rank and how data flows between them.
 
 ``VLMModel`` holds the LLM chunk (a megatron-core ``GPTModel``) and, on the first pipeline stage,
-the image encoder and projector. It computes nothing of its own: the projected image features
-replace the text embeddings at the image-token positions (in order: batch row by row, then
-sequence), and the LLM runs on the result. ``MRopeGPTModel`` is the LLM with Qwen2-VL's
-multimodal RoPE (temporal/height/width position ids, one per section of the rotary dims).
+the image encoder and projector. It computes nothing of its own: the projected image (and video)
+features replace the text embeddings at the image (video) token positions (in order: batch row by
+row, then sequence), DeepStack features (Qwen3-VL) go to the LLM as a dense ``context`` tensor
+(:mod:`loongforge_vlm.deepstack`), and the LLM runs on the result. ``MRopeGPTModel`` is the LLM
+with multimodal RoPE (temporal/height/width position ids; contiguous or interleaved sections).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class VLMModel(MegatronModule):
 
     def __init__(self, language_model: GPTModel, image_encoder=None, image_projector=None, *,
                  image_token_id: int | None = None, video_token_id: int | None = None, mrope: bool = False,
-                 recompute_encoder: bool = False):
+                 recompute_encoder: bool = False, image_split_group=None):
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.image_encoder = image_encoder
@@ -99,6 +100,9 @@ class VLMModel(MegatronModule):
         self.video_token_id = video_token_id
         self.mrope = mrope
         self.recompute_encoder = recompute_encoder
+        #: the group whose ranks split the images (encoder data parallelism over the LLM's TP ranks)
+        self.image_split_group = image_split_group
+        self.deepstack = bool(getattr(image_projector, "num_deepstack", 0))
         self.model_type = language_model.model_type  # read by megatron-core's schedules
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
@@ -112,7 +116,26 @@ class VLMModel(MegatronModule):
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
         """The projector's output for these images (or video clips): LLM tokens [n, h], or
-        ``(tokens, deepstack features)`` for a projector with DeepStack mergers."""
+        ``(tokens, deepstack features)`` for a projector with DeepStack mergers. With
+        ``image_split_group`` each rank of that group encodes its share of the images and the
+        tokens are all-gathered (``components.image_split``)."""
+        group = self.image_split_group
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return self._encode(pixel_values, image_grid_thw)
+        from loongforge_vlm.components.image_split import GatherShards, pixel_rows, shares
+
+        rows = pixel_rows(pixel_values, image_grid_thw)
+        a, b = shares(rows, torch.distributed.get_world_size(group))[torch.distributed.get_rank(group)]
+        if b > a:
+            out = self._encode(pixel_values[sum(rows[:a]):sum(rows[:b])], image_grid_thw[a:b])
+        else:  # more ranks than images: this one contributes no rows
+            empty = pixel_values.new_zeros(0, self.config.hidden_size)
+            out = (empty, [empty] * self.image_projector.num_deepstack) if self.deepstack else empty
+        if isinstance(out, tuple):
+            return GatherShards.apply(out[0], group), [GatherShards.apply(d, group) for d in out[1]]
+        return GatherShards.apply(out, group)
+
+    def _encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
         if self.recompute_encoder and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 

@@ -43,20 +43,22 @@ def _plain(section: Any) -> dict:
 class EncoderParallel:
     """``model.image_encoder.parallel``: how the vision parts run, independently of the LLM's layout.
 
-    ``tp``: the encoder's tensor-parallel size, 1 or the LLM's ``parallel.tp``. With 1 the encoder
-    and projector are plain torch modules, whole on every rank of the first pipeline stage: under
-    LLM TP=N each TP rank runs them on the same images (the LLM's TP ranks share their data). With
-    the LLM's size, the encoder's attention heads and MLP columns are split over the LLM's TP group
+    ``tp``: the encoder's tensor-parallel size, 1 or the LLM's ``parallel.tp``. With the LLM's size,
+    the encoder's attention heads and MLP columns are split over the LLM's TP group
     (``components.tensor_parallel``; the group is handed to the encoder when it is built, no global
-    parallel state is switched); the projector stays whole. Sizes in between would need their own
-    process groups plus gradient-norm and checkpoint bookkeeping megatron-core has no hook for.
-    Data parallelism is the LLM's (megatron-core's DDP reduces the encoder's gradients over the
-    data-parallel group).
+    parallel state is switched); the projector stays whole. With 1 the encoder and projector are
+    whole on every rank of the first pipeline stage and, under LLM TP=N, ``split_images`` (default)
+    makes the N TP ranks -- which share their micro-batch -- each encode a share of its images and
+    all-gather the tokens (encoder data parallelism over the TP ranks, ``components.image_split``);
+    ``split_images: false`` has every TP rank encode every image. Sizes in between would need their
+    own process groups plus gradient-norm and checkpoint bookkeeping megatron-core has no hook for.
+    Across the LLM's data-parallel ranks megatron-core's DDP reduces the encoder's gradients.
     ``recompute``: recompute the encoder's activations in the backward pass instead of keeping them.
     """
 
     tp: int = 1
     recompute: bool = False
+    split_images: bool = True
 
 
 def encoder_parallel(section: Any) -> EncoderParallel:
@@ -64,7 +66,7 @@ def encoder_parallel(section: Any) -> EncoderParallel:
     unknown = sorted(set(s) - {f.name for f in fields(EncoderParallel)})
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join('model.image_encoder.parallel.' + k for k in unknown)} "
-                          f"(valid: tp, recompute)")
+                          f"(valid: tp, recompute, split_images)")
     out = EncoderParallel(**s)
     if not isinstance(out.tp, int) or out.tp < 1:
         raise ConfigError(f"config key 'model.image_encoder.parallel.tp' must be a positive integer, got {out.tp!r}")
@@ -200,28 +202,42 @@ class VLMProvider:
                               f"holds {len(llm.decoder.layers)}: give it more layers (parallel.pp / layer split)")
         if self.section["foundation"].get("freeze"):
             llm.requires_grad_(False)
-        encoder = projector = None
+        encoder = projector = split_group = None
         if pre_process:
             encoder, projector = self.build_vision()
-            self._shard_encoder(encoder, run)
+            split_group = self._encoder_layout(encoder, projector, run)
         return VLMModel(llm, encoder, projector, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
-                        mrope=bool(self.mrope_section), recompute_encoder=self.encoder_parallel.recompute)
+                        mrope=bool(self.mrope_section), recompute_encoder=self.encoder_parallel.recompute,
+                        image_split_group=split_group)
 
-    def _shard_encoder(self, encoder, run: RunSettings) -> None:
+    def _encoder_layout(self, encoder, projector, run: RunSettings):
+        """Shard the encoder over the LLM's TP group (encoder TP = LLM TP), or return the group whose
+        ranks split the images (encoder TP 1 under LLM TP > 1 with ``split_images``), or None."""
         tp = self.encoder_parallel.tp
-        if tp == 1:
-            return
         key = "model.image_encoder.parallel.tp"
-        if tp != run.tp:
-            raise ConfigError(f"config key '{key}' is {tp}: it must be 1 (replicated) or the LLM's parallel.tp ({run.tp})")
+        if tp not in (1, run.tp):
+            raise ConfigError(f"config key '{key}' is {tp}: it must be 1 (whole encoder, images split over the "
+                              f"LLM's TP ranks) or the LLM's parallel.tp ({run.tp})")
+        if run.tp == 1:
+            return None
         from megatron.core import parallel_state
 
+        group = parallel_state.get_tensor_model_parallel_group()
+        if tp == 1:
+            if not self.encoder_parallel.split_images:
+                return None
+            from loongforge_vlm.components.image_split import mark_tp_averaged
+
+            mark_tp_averaged(encoder)
+            mark_tp_averaged(projector)
+            return group
         from loongforge_vlm.components.tensor_parallel import shard
 
         try:
-            shard(encoder, parallel_state.get_tensor_model_parallel_group(), key=key)
+            shard(encoder, group, key=key)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        return None
 
     # --- weights ---------------------------------------------------------------------------------
     def load_hf_weights(self, chunk, get_hf_tensor, *, tp_rank: int | None = None, tp_size: int | None = None,
