@@ -48,6 +48,9 @@ class VLAPolicy(MegatronModule):
         self.flow = flow or FlowMatching()
         self.net = PiModel(pc)
 
+    def set_input_tensor(self, input_tensor) -> None:
+        """No pipeline stages: the whole policy is one chunk (megatron's schedule calls this)."""
+
     def forward(self, images, image_masks, tokens, token_masks, state, actions, action_valid, noise, time):
         """Per-sample flow-matching loss [B] (fp32)."""
         pixels = preprocess_images(images, self.pc.vision.image_size).to(self.net.projector.weight.dtype)
