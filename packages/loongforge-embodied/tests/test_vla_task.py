@@ -60,7 +60,6 @@ def test_finetune_modes_freeze_what_they_say(mode, trainable, tmp_path):
     from loongforge.config.compose import compose_config
     from loongforge.plugins import get_plugin_manager
     from loongforge.trainer.runtime import runtime
-
     from loongforge_embodied.data.synthetic import write_reaching_dataset
     from loongforge_embodied.task import VLAConfig, VLATrainTask
 
