@@ -99,9 +99,8 @@ def test_state_wider_than_model_fails(samples):
 
 @pytest.mark.parametrize("fmt", ["lerobot", "lerobot_policy", "ours"])
 def test_pretrained_weights_load_through_the_mapping(fmt, tmp_path):
-    from safetensors.torch import save_file
-
     from loongforge_embodied.task import VLATrainTask, mapping
+    from safetensors.torch import save_file
 
     pc = tiny_config("pi05")
     src = PiModel(pc)
