@@ -37,10 +37,13 @@ def data(tmp_path_factory):
 
 
 def test_pi05_tiny_trains_and_generates(data):
-    out, r = train(data, "run", "train.steps=12", "optimizer.lr=3e-3")
-    losses = [x["loss"] for x in records(out)]
+    out, r = train(data, "run", "train.steps=12", "optimizer.lr=3e-3", "vla.valid_episodes=[3]",
+                   "train.eval_interval=12", "train.eval_steps=1")
+    evals = [x for x in records(out) if x.get("split") != "train"]
+    assert len(evals) == 1 and evals[0]["loss"] > 0              # held-out episode 3
+    losses = [x["loss"] for x in records(out) if x.get("split") == "train"]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
-    assert "samples_per_s" in records(out)[-1]
+    assert all("samples_per_s" in x for x in records(out) if x.get("split") == "train")
     assert (out / "checkpoints" / "vla.json").is_file()
     g = run_cli("generate", str(out / "checkpoints"), "--prompt", "episode=1,frame=3", "--steps", "2",
                 "--output", str(data / "chunk.json"), cwd=data)
