@@ -95,3 +95,19 @@ def test_state_wider_than_model_fails(samples):
     _, ds, _ = samples
     with pytest.raises(ConfigError, match=r"state has 2 dims, more than the model's 1 .*vla\.model\.max_state_dim"):
         check_dims(ds, tiny_config("pi05", max_state_dim=1), "reach")
+
+
+@pytest.mark.parametrize("fmt", ["lerobot", "lerobot_policy", "ours"])
+def test_pretrained_weights_load_through_the_mapping(fmt, tmp_path):
+    from loongforge_embodied.task import VLATrainTask, mapping
+    from safetensors.torch import save_file
+
+    pc = tiny_config("pi05")
+    src = PiModel(pc)
+    sd = src.state_dict() if fmt == "ours" else mapping(fmt).to_theirs(src.state_dict())
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
+    dst = PiModel(pc)
+    VLATrainTask.load_weights(dst, str(tmp_path / "w.safetensors"), fmt)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+    with pytest.raises(ConfigError, match=r"vla\.pretrained.*does not fit vla\.model"):
+        VLATrainTask.load_weights(PiModel(tiny_config("pi0")), str(tmp_path / "w.safetensors"), fmt)

@@ -31,6 +31,25 @@ def transformer_config(pc: PiConfig, bf16: bool = False):
                              pipeline_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
+def train_flops_per_sample(pc: PiConfig, cameras: int, text_tokens: int) -> float:
+    """Model FLOPs of one training sample (forward + backward = 3 x forward): 6 x weights x tokens
+    each stack processes (SigLIP: the image patches; VLM: the prefix; expert: the suffix) plus the
+    attention products (QK^T and AV: 4 x heads x head_dim x T^2 per layer forward, T = prefix +
+    suffix, full matrix). Embedding lookups and the norms are not counted."""
+    prefix = cameras * pc.num_image_tokens + text_tokens
+    suffix = pc.chunk_size + (pc.mode == "pi0")
+    v, g, e = pc.vision, pc.vlm, pc.expert
+    vis = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + v.hidden_size * g.width
+
+    def layer(s):
+        return s.width * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads) + 3 * s.width * s.mlp_dim
+
+    linear = vis * pc.num_image_tokens * cameras + g.depth * layer(g) * prefix + e.depth * layer(e) * suffix
+    total = prefix + suffix
+    attn = g.depth * 4 * g.num_heads * g.head_dim * total * total
+    return 6.0 * linear + 3.0 * attn
+
+
 def preprocess_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [B, ncam, 3, H, W] -> float [-1, 1] at ``size`` x ``size`` (bilinear; square inputs
     assumed, as lerobot's ``resize_with_pad`` pads non-square ones first)."""
@@ -47,6 +66,9 @@ class VLAPolicy(MegatronModule):
         self.pc, self.action_dim = pc, action_dim
         self.flow = flow or FlowMatching()
         self.net = PiModel(pc)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """No pipeline stages: the whole policy is one chunk (megatron's schedule calls this)."""
 
     def forward(self, images, image_masks, tokens, token_masks, state, actions, action_valid, noise, time):
         """Per-sample flow-matching loss [B] (fp32)."""

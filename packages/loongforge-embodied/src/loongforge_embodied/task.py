@@ -179,20 +179,9 @@ class VLATrainTask(TrainTask):
         return out, per_sample_loss
 
     def flops_per_unit(self):
-        """6 x parameters x tokens each stack processes (vision: image patches; VLM: prefix; expert:
-        suffix) plus the attention score/value products of the joint sequence, per sample."""
-        pc = self.pc
-        ncam = len(getattr(self, "cameras", [None]))
-        prefix = ncam * pc.num_image_tokens + self.cfg.vla.tokenizer_max_length
-        suffix = pc.chunk_size + (pc.mode == "pi0")
-        v, g, e = pc.vision, pc.vlm, pc.expert
-        vis = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-        def layer(s):
-            return s.width * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads) + 3 * s.width * s.mlp_dim
-        linear = (vis * pc.num_image_tokens * ncam + g.depth * layer(g) * prefix + e.depth * layer(e) * suffix)
-        total = prefix + suffix
-        attn = g.depth * 2 * 2 * g.num_heads * g.head_dim * total * total
-        return 6.0 * linear + 3.0 * attn
+        from loongforge_embodied.policy import train_flops_per_sample
+
+        return train_flops_per_sample(self.pc, len(getattr(self, "cameras", [None])), self.cfg.vla.tokenizer_max_length)
 
     def save_extra(self, ckpt_dir):
         ckpt_dir = Path(ckpt_dir)

@@ -104,7 +104,7 @@ class PiModel(nn.Module):
         """-> (embeddings [B, S, width_e], block starts [S], adaRMS condition or None)."""
         c = self.cfg
         tf = time_features(t, c.expert.width, c.min_period, c.max_period, c.time_features_fp64)
-        act = self.action_in_proj(x_t)
+        act = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
         blocks = torch.zeros(c.chunk_size, dtype=torch.long, device=x_t.device)
         blocks[0] = 1
         if c.mode == "pi05":
@@ -132,7 +132,7 @@ class PiModel(nn.Module):
         for i, (lv, le) in enumerate(zip(self.vlm_layers, self.expert_layers, strict=True)):
             xs, _ = joint_layer([lv, le], xs, [None, cond], cos, sin, mask, keep=(i < last, True))
         out = self.expert_norm(xs[1], cond)[0]
-        return self.action_out_proj(out[:, -self.cfg.chunk_size:].float())
+        return self.action_out_proj(out[:, -self.cfg.chunk_size:]).float()
 
     # -- inference: prefix once, then the expert against the cached keys/values -----------------
     @torch.no_grad()
@@ -161,4 +161,4 @@ class PiModel(nn.Module):
         for le, kv in zip(self.expert_layers, cache, strict=True):
             x, _ = joint_layer([le], x, [cond], cos, sin, mask, cache=kv)
         out = self.expert_norm(x[0], cond)[0]
-        return self.action_out_proj(out[:, -self.cfg.chunk_size:].float())
+        return self.action_out_proj(out[:, -self.cfg.chunk_size:]).float()
