@@ -71,3 +71,21 @@ def test_config_errors_name_the_key(overrides, key):
 def test_unknown_diffusion_key_fails():
     with pytest.raises(ConfigError, match="diffusion.shfit"):
         compose_config("wan_tiny", ["+diffusion.shfit=3"], registry=get_plugin_manager().registry())
+
+
+def test_preprocess_task_and_bad_manifest(tmp_path):
+    from loongforge.data.errors import DataError
+    from loongforge_diffusion.task import run_preprocess
+
+    plugins = get_plugin_manager()
+    cfg = compose_config("wan_tiny", [*SMALL[:3], "diffusion.synthetic_clips=2", "task=wan_preprocess",
+                                      f"output_dir={tmp_path}"], registry=plugins.registry())
+    out = run_preprocess(cfg, plugins)
+    index = json.loads((tmp_path / "latents" / "index.json").read_text())
+    assert out["latents"] == str(tmp_path / "latents") and index["num_samples"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"video": "synthetic/clip_00000.mp4", "text": "no caption key"}) + "\n")
+    cfg = compose_config("wan_tiny", [*SMALL[:3], f"diffusion.manifests=[{bad}]", f"output_dir={tmp_path / 'b'}"],
+                         registry=plugins.registry())
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing or non-string 'caption'"):
+        run_preprocess(cfg, plugins)

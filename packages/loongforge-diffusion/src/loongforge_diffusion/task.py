@@ -183,7 +183,7 @@ class WanTask(TrainTask):
         d = self.cfg.diffusion
         return Path(d.latents) if d.latents else Path(self.cfg.output_dir) / "latents"
 
-    def _prepare_latents(self, folder: Path) -> None:
+    def prepare_latents(self, folder: Path) -> None:
         from loongforge_diffusion.data.encoders import Encoders
         from loongforge_diffusion.data.latents import preprocess
         from loongforge_diffusion.data.synthetic import write_moving_shapes
@@ -209,7 +209,7 @@ class WanTask(TrainTask):
 
         folder = self.latents_folder()
         if self.rt.is_main and not (folder / INDEX).is_file():
-            self._prepare_latents(folder)
+            self.prepare_latents(folder)
         if dist.is_initialized():
             dist.barrier()
         base = LatentDataset(folder)
@@ -308,3 +308,20 @@ class WanTask(TrainTask):
         sample_to_file(self.dits, self.wan, self.latents_folder(), d, d.sample_prompt, out, seed=self.cfg.seed)
         print(f"sample: {out}")
         return {**result, "sample": str(out)}
+
+
+def run_preprocess(cfg, plugins) -> dict:
+    """``loongforge run CONFIG task=wan_preprocess``: only the preprocessing of ``build_datasets``
+    (synthetic set if asked, frozen VAE + text encoder -> latent shards), one process, no training."""
+    from types import SimpleNamespace
+
+    from loongforge_diffusion.data.latents import INDEX
+
+    cfg = WanTask.resolve_config(cfg, plugins)
+    task = WanTask(cfg, SimpleNamespace(is_main=True, rank=0, backend=None))
+    folder = task.latents_folder()
+    if (folder / INDEX).is_file():
+        print(f"{folder} is already preprocessed ({INDEX} exists); delete it to redo")
+    else:
+        task.prepare_latents(folder)
+    return {"latents": str(folder)}
