@@ -101,7 +101,7 @@ class WanTask(TrainTask):
         FlowMatching.from_config(d, wan.boundary_ratio)
         for key, allowed in (("timestep_sampling", ("uniform", "logit_normal")), ("loss_weighting", ("none", "bell")),
                              ("expert", ("both", "high", "low")), ("sample_solver", ("euler", "unipc")),
-                             ("sample_format", ("gif", "mp4"))):
+                             ("sample_format", ("gif", "mp4")), ("cp_mode", ("ulysses", "all_gather"))):
             if d[key] not in allowed:
                 raise ConfigError(f"config key 'diffusion.{key}' = {d[key]!r}: one of {', '.join(allowed)}")
         if d.expert == "both" and wan.boundary_ratio is not None and d.packing:
@@ -111,9 +111,9 @@ class WanTask(TrainTask):
             raise ConfigError("config key 'parallel.pp': the Wan DiT trains without pipeline parallelism")
         if p.sequence_parallel:
             raise ConfigError("config key 'parallel.sequence_parallel': not supported by the Wan DiT (use parallel.cp)")
-        if wan.num_attention_heads % (p.tp * p.cp):
+        if d.cp_mode == "ulysses" and wan.num_attention_heads % (p.tp * p.cp):
             raise ConfigError(f"config key 'parallel.cp': {wan.num_attention_heads} heads are not divisible by "
-                              f"tp x cp = {p.tp * p.cp}")
+                              f"tp x cp = {p.tp * p.cp} (Ulysses; diffusion.cp_mode=all_gather needs only tp)")
         if not 0.0 <= d.ema_decay < 1.0:
             raise ConfigError(f"config key 'diffusion.ema_decay' = {d.ema_decay}: must be in [0, 1)")
         if d.ema_decay and p.tp > 1:
@@ -156,7 +156,7 @@ class WanTask(TrainTask):
         for dit in dits:
             dit.recompute = bool(cfg.diffusion.recompute) or cfg.train.recompute.granularity == "full"
             if p.cp > 1:
-                context_parallel.enable(dit, parallel_state.get_context_parallel_group())
+                context_parallel.enable(dit, parallel_state.get_context_parallel_group(), cfg.diffusion.cp_mode)
         model = _experts_class()(*dits, self.wan.boundary_ratio) if len(dits) == 2 else dits[0]
         model = model.to(self.rt.backend.device())
         apply_lora_config([model], cfg)
