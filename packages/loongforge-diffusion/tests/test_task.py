@@ -106,9 +106,9 @@ def test_preprocess_task_and_bad_manifest(tmp_path):
 
 def test_a14b_both_experts_run(tmp_path):
     """A tiny A14B-style run (boundary_ratio, per-sample timesteps) trains both experts in one
-    chunk and samples with the switch between them."""
+    chunk, in bf16 (megatron's Float16Module), and samples with the switch between them."""
     out = tmp_path / "run"
     r = run_cli("run", "wan_tiny", f"output_dir={out}", "train.steps=2", *SMALL, "model.boundary_ratio=0.875",
-                "model.expand_timesteps=false", "diffusion.sample_steps=4", env={"OMP_NUM_THREADS": "1"})
+                "model.expand_timesteps=false", "diffusion.sample_steps=4", "train.precision=bf16", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(out)) == 2 and (out / "samples" / "sample.gif").is_file()

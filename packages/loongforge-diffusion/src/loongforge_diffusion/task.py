@@ -58,6 +58,9 @@ def _experts_class():
 
         forward = _experts_forward
 
+        def set_input_tensor(self, tensor) -> None:
+            """No pipeline stages (megatron-core's schedules call it)."""
+
     return WanExperts
 
 

@@ -238,6 +238,9 @@ class WanDiT(MegatronModule):
         #: activation recompute of each block in backward (config key ``diffusion.recompute``)
         self.recompute = False
 
+    def set_input_tensor(self, tensor) -> None:
+        """megatron-core's schedules call this (through Float16Module too); no pipeline stages here."""
+
     # --- patches -----------------------------------------------------------------------------------
     def grid(self, latent_shape) -> tuple[int, int, int]:
         """Patch grid ``(f, h, w)`` of a latent ``[..., F, H, W]``; raises if not divisible by the patch."""
