@@ -20,7 +20,10 @@ Rows (``--rows``):
   ``torch.optim.AdamW`` (fused; bf16 states), its default attention (SDPA).
 - ``diffsynth``: DiffSynth-Studio's ``WanModel`` with its TI2V-5B kwargs
   (``diffsynth.configs.model_configs``), driven by its ``model_fn_wan_video`` as its trainer does
-  (batch 1; bf16 parameters, ``torch.optim.AdamW``). Only when ``diffsynth`` imports.
+  (batch 1; bf16 parameters, ``torch.optim.AdamW``; its attention is FA3 / FA2 / SageAttention when
+  installed, else SDPA). Only when ``diffsynth`` imports: diffsynth 2.1.12 needs torchvision,
+  einops, modelscope, ftfy, imageio, pandas, accelerate and peft besides torch/transformers
+  (carry them as wheels; this row never ran here: torchvision is not installed on the CPU machine).
 
 Each row: ``--warmup`` steps, then the median of ``--steps`` timed steps. samples/s = mbs / step
 time. MFU = samples/s x FLOPs/sample / 989e12 (H100 bf16 dense), FLOPs/sample from

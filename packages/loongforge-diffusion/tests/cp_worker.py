@@ -1,4 +1,4 @@
-"""torchrun worker: Ulysses CP (cp = world size) vs the same model in one process, plain and packed.
+"""torchrun worker: CP (cp = world size; Ulysses and all-gather) vs the same model in one process, plain and packed.
 
 Each rank builds identical weights, computes the full-sequence reference locally, then its CP
 part; the CP loss sums and parameter gradients (all-reduced over CP, as megatron's DDP does over
@@ -43,7 +43,8 @@ def main():
                 p.add_(torch.randn_like(p) * 0.05)
         flow = FlowMatching.from_config(FLOW)
         errs = []
-        for pack, shapes in ((False, [(48, 3, 4, 4)] * 2), (True, [(48, 3, 4, 4), (48, 2, 4, 6), (48, 1, 4, 4)])):
+        cases = [(False, [(48, 3, 4, 4)] * 2), (True, [(48, 3, 4, 4), (48, 2, 4, 6), (48, 1, 4, 4)])]
+        for mode, (pack, shapes) in [(m, c) for m in context_parallel.MODES for c in cases]:
             items = [sample_tokens(model, flow, torch.randn(s, generator=torch.Generator().manual_seed(i)),
                                    torch.randn(5, 32, generator=torch.Generator().manual_seed(10 + i)),
                                    torch.zeros(5, 32), seed=i) for i, s in enumerate(shapes)]
@@ -53,7 +54,7 @@ def main():
             ref = loss_of(model, full)
             ref.backward()
             want = {n: p.grad.clone() for n, p in model.named_parameters()}
-            context_parallel.enable(model, group)
+            context_parallel.enable(model, group, mode)
             model.zero_grad()
             local = loss_of(model, split_for_cp(full, rank, cp))
             local.backward()

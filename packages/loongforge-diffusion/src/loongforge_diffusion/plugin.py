@@ -16,7 +16,9 @@ LOONGFORGE_API_VERSION = "1.1"
 def loongforge_register_tasks():
     return [Task(name="wan_pretrain", task="loongforge_diffusion.task:WanTask",
                  generate="loongforge_diffusion.generate:generate",
-                 description="flow-matching training of a Wan DiT on video latents (writes a sample video)")]
+                 description="flow-matching training of a Wan DiT on video latents (writes a sample video)"),
+            Task(name="wan_preprocess", run="loongforge_diffusion.task:run_preprocess",
+                 description="video manifests -> VAE latents + text embeddings (safetensors shards), no training")]
 
 
 @hookimpl

@@ -31,6 +31,7 @@ class DiffusionConfig:
     expert: str = "both"              # A14B: high | low | both (two DiTs in one run)
     # --- model execution ---------------------------------------------------------------------------
     packing: bool = False             # pack a micro-batch's clips into one sequence (per-clip masks)
+    cp_mode: str = "ulysses"          # parallel.cp > 1: ulysses (all-to-all over heads) | all_gather (K/V)
     recompute: bool = False           # recompute each block's activations in backward
     ema_decay: float = 0.0            # >0: keep an EMA of the weights (saved as ema.safetensors)
     # --- sampling (end of run, generate) -------------------------------------------------------------

@@ -58,6 +58,9 @@ def _experts_class():
 
         forward = _experts_forward
 
+        def set_input_tensor(self, tensor) -> None:
+            """No pipeline stages (megatron-core's schedules call it)."""
+
     return WanExperts
 
 
@@ -101,7 +104,7 @@ class WanTask(TrainTask):
         FlowMatching.from_config(d, wan.boundary_ratio)
         for key, allowed in (("timestep_sampling", ("uniform", "logit_normal")), ("loss_weighting", ("none", "bell")),
                              ("expert", ("both", "high", "low")), ("sample_solver", ("euler", "unipc")),
-                             ("sample_format", ("gif", "mp4"))):
+                             ("sample_format", ("gif", "mp4")), ("cp_mode", ("ulysses", "all_gather"))):
             if d[key] not in allowed:
                 raise ConfigError(f"config key 'diffusion.{key}' = {d[key]!r}: one of {', '.join(allowed)}")
         if d.expert == "both" and wan.boundary_ratio is not None and d.packing:
@@ -111,9 +114,9 @@ class WanTask(TrainTask):
             raise ConfigError("config key 'parallel.pp': the Wan DiT trains without pipeline parallelism")
         if p.sequence_parallel:
             raise ConfigError("config key 'parallel.sequence_parallel': not supported by the Wan DiT (use parallel.cp)")
-        if wan.num_attention_heads % (p.tp * p.cp):
+        if d.cp_mode == "ulysses" and wan.num_attention_heads % (p.tp * p.cp):
             raise ConfigError(f"config key 'parallel.cp': {wan.num_attention_heads} heads are not divisible by "
-                              f"tp x cp = {p.tp * p.cp}")
+                              f"tp x cp = {p.tp * p.cp} (Ulysses; diffusion.cp_mode=all_gather needs only tp)")
         if not 0.0 <= d.ema_decay < 1.0:
             raise ConfigError(f"config key 'diffusion.ema_decay' = {d.ema_decay}: must be in [0, 1)")
         if d.ema_decay and p.tp > 1:
@@ -156,7 +159,7 @@ class WanTask(TrainTask):
         for dit in dits:
             dit.recompute = bool(cfg.diffusion.recompute) or cfg.train.recompute.granularity == "full"
             if p.cp > 1:
-                context_parallel.enable(dit, parallel_state.get_context_parallel_group())
+                context_parallel.enable(dit, parallel_state.get_context_parallel_group(), cfg.diffusion.cp_mode)
         model = _experts_class()(*dits, self.wan.boundary_ratio) if len(dits) == 2 else dits[0]
         model = model.to(self.rt.backend.device())
         apply_lora_config([model], cfg)
@@ -183,7 +186,7 @@ class WanTask(TrainTask):
         d = self.cfg.diffusion
         return Path(d.latents) if d.latents else Path(self.cfg.output_dir) / "latents"
 
-    def _prepare_latents(self, folder: Path) -> None:
+    def prepare_latents(self, folder: Path) -> None:
         from loongforge_diffusion.data.encoders import Encoders
         from loongforge_diffusion.data.latents import preprocess
         from loongforge_diffusion.data.synthetic import write_moving_shapes
@@ -209,7 +212,7 @@ class WanTask(TrainTask):
 
         folder = self.latents_folder()
         if self.rt.is_main and not (folder / INDEX).is_file():
-            self._prepare_latents(folder)
+            self.prepare_latents(folder)
         if dist.is_initialized():
             dist.barrier()
         base = LatentDataset(folder)
@@ -308,3 +311,20 @@ class WanTask(TrainTask):
         sample_to_file(self.dits, self.wan, self.latents_folder(), d, d.sample_prompt, out, seed=self.cfg.seed)
         print(f"sample: {out}")
         return {**result, "sample": str(out)}
+
+
+def run_preprocess(cfg, plugins) -> dict:
+    """``loongforge run CONFIG task=wan_preprocess``: only the preprocessing of ``build_datasets``
+    (synthetic set if asked, frozen VAE + text encoder -> latent shards), one process, no training."""
+    from types import SimpleNamespace
+
+    from loongforge_diffusion.data.latents import INDEX
+
+    cfg = WanTask.resolve_config(cfg, plugins)
+    task = WanTask(cfg, SimpleNamespace(is_main=True, rank=0, backend=None))
+    folder = task.latents_folder()
+    if (folder / INDEX).is_file():
+        print(f"{folder} is already preprocessed ({INDEX} exists); delete it to redo")
+    else:
+        task.prepare_latents(folder)
+    return {"latents": str(folder)}

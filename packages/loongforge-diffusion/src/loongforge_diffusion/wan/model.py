@@ -17,8 +17,8 @@ Tensor parallelism: the self-attention's fused ``linear_qkv`` (megatron-core's l
 rank) and the MLP's first linear are megatron-core ``ColumnParallelLinear`` (heads / FFN channels
 split over TP ranks), the attention output and second MLP linear
 ``RowParallelLinear``; the q/k RMSNorm across heads all-reduces its sum of squares over TP. The
-embeddings, modulation tables and output head are replicated. Context parallelism (Ulysses, over
-video tokens) is in :mod:`loongforge_diffusion.wan.context_parallel`.
+embeddings, modulation tables and output head are replicated. Context parallelism over video
+tokens (Ulysses or all-gather) is in :mod:`loongforge_diffusion.wan.context_parallel`.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class Attention(MegatronModule):
         if image_branch:
             col("linear_kv_img", 2 * dim, wan.added_kv_proj_dim)  # the embedded image features
             self.norm_k_img = HeadsRMSNorm(local, dim, wan.eps, tp_group) if qk else None
-        #: Ulysses context-parallel group (set by ``context_parallel.enable``); None: off
-        self.cp_group = None
+        #: context-parallel group and mode (set by ``context_parallel.enable``); None: off
+        self.cp_group, self.cp_mode = None, "ulysses"
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.local_heads, self.head_dim))
@@ -134,9 +134,10 @@ class Attention(MegatronModule):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.cp_group is not None and not self.cross:
-            from loongforge_diffusion.wan.context_parallel import ulysses_attention
+            from loongforge_diffusion.wan import context_parallel as cp
 
-            out = ulysses_attention(self._attend, q, k, v, mask, self.cp_group)
+            fn = cp.ulysses_attention if self.cp_mode == "ulysses" else cp.all_gather_attention
+            out = fn(self._attend, q, k, v, mask, self.cp_group)
         else:
             out = self._attend(q, k, v, mask)
         if self.image_branch and context_image is not None:
@@ -236,6 +237,9 @@ class WanDiT(MegatronModule):
         self.head_modulation = torch.nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
         #: activation recompute of each block in backward (config key ``diffusion.recompute``)
         self.recompute = False
+
+    def set_input_tensor(self, tensor) -> None:
+        """megatron-core's schedules call this (through Float16Module too); no pipeline stages here."""
 
     # --- patches -----------------------------------------------------------------------------------
     def grid(self, latent_shape) -> tuple[int, int, int]:
