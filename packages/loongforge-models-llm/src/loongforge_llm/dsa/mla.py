@@ -92,12 +92,14 @@ class DSAMLAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, *, absorbed: bool = False,
-                chunk_size: int | None = None, detach_indexer_input: bool = False, return_aux: bool = False):
+                chunk_size: int | None = None, detach_indexer_input: bool = False, dense: bool = False,
+                return_aux: bool = False):
         """``hidden [B, S, hidden]`` -> ``[B, S, hidden]`` (and an aux dict for the indexer losses).
 
         ``positions`` default ``arange(S)`` (restart them per document for packed input);
         ``segment_ids [B, S]`` keeps top-k inside each document. With ``chunk_size`` the index
-        scores are computed per query chunk and not returned.
+        scores are computed per query chunk and not returned. ``dense=True`` (the indexer's dense
+        warm-up) attends to every allowed key; the indexer still runs, for its loss.
         """
         b, s, _ = hidden.shape
         if positions is None:
@@ -106,13 +108,13 @@ class DSAMLAttention(nn.Module):
         q_lora, q, k, v = self.qkv(hidden, cos, sin, absorbed)
         ih, il = (hidden.detach(), q_lora.detach()) if detach_indexer_input else (hidden, q_lora)
         iq, ik, iw = self.indexer.project(ih, il, cos, sin)
-        scores = None
+        scores, topk = None, (s if dense else self.d.index_topk)
         if chunk_size is None:
             scores = lightning_indexer_scores(iq, ik, iw, self.indexer.softmax_scale)
-            idx = select_topk(scores, self.d.index_topk, segment_ids=segment_ids)
+            idx = select_topk(scores, topk, segment_ids=segment_ids)
         else:
             with torch.no_grad():
-                idx = indexer_topk(iq, ik, iw, self.indexer.softmax_scale, self.d.index_topk,
+                idx = indexer_topk(iq, ik, iw, self.indexer.softmax_scale, topk,
                                    segment_ids=segment_ids, chunk_size=chunk_size)
         out = self.out_proj(sparse_mla_attention(q, k, v, idx, self.scale, chunk_size=chunk_size), absorbed)
         if not return_aux:

@@ -51,3 +51,16 @@ def sparse_mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk
         lses.append(lse)
     out = torch.cat(outs, dim=1)
     return (out, torch.cat(lses, dim=1)) if return_lse else out
+
+
+def sparse_attention_probs(q: torch.Tensor, k: torch.Tensor, topk_indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-head attention probabilities over the selected keys, ``[B, S, H, K]`` fp32 (``0`` at
+    the ``-1`` slots): the main attention's distribution that the sparse-stage indexer loss targets."""
+    valid = topk_indices >= 0
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, ks = q.to(acc), _gather(k, topk_indices.clamp(min=0)).to(acc)
+    if k.shape[2] == 1:
+        logits = torch.einsum("bshd,bskd->bshk", q, ks[:, :, :, 0])
+    else:
+        logits = torch.einsum("bshd,bskhd->bshk", q, ks)
+    return torch.softmax((logits * scale).masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1)
