@@ -80,6 +80,14 @@ KERNELS = (
         description="torch AdamW over all fp32 master params in one launch, writing their bf16 model "
                     "copies in the same pass; the clip factor divides grads on load.",
     ),
+    Kernel(
+        name="tilelang_lightning_indexer",
+        op="lightning_indexer",
+        impl=f"{_PKG}.dsa:lightning_indexer",
+        reference=f"{_PKG}.dsa:lightning_indexer_reference",
+        device_types=("cuda",),
+        description="DeepSeek-V3.2 DSA indexer scores sum_h w * relu(scale * q . k) (TileLang, forward only).",
+    ),
 )
 
 
