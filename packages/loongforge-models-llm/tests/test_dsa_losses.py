@@ -134,3 +134,20 @@ def test_sparse_stage_separates_lm_and_indexer_gradients():
     assert all(g is None for n, g in ix.items() if not n.startswith("indexer."))
     assert all(g is not None and g.abs().sum() > 0 for n, g in ix.items() if n.startswith("indexer."))
     assert x.grad is None  # the indexer's input was detached
+
+
+def test_sparse_loss_from_selected_scores_equals_full_scores_and_works_chunked():
+    layer, cfg = _layer(), DSAIndexerConfig(stage="sparse", index_topk=4)
+    x = torch.randn(2, 12, 32)
+    _, aux = layer(x, detach_indexer_input=True, return_aux=True)
+    idx = aux["topk_indices"]
+    target = sparse_attention_target(aux["query"].detach(), aux["key"].detach(), aux["scale"], idx)
+    full = sparse_indexer_loss(aux["index_scores"], target, idx)  # from the whole [B, S, T] scores
+    assert indexer_loss(cfg, aux).item() == pytest.approx(full.item(), rel=1e-6)
+    _, aux_c = layer(x, detach_indexer_input=True, chunk_size=5, return_aux=True)
+    assert aux_c["index_scores"] is None and torch.equal(aux_c["topk_indices"], idx)
+    g_full = torch.autograd.grad(full, layer.indexer.wq_b.weight)[0]
+    g_chunk = torch.autograd.grad(indexer_loss(cfg, aux_c), layer.indexer.wq_b.weight)[0]
+    torch.testing.assert_close(g_chunk, g_full, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="dense warm-up"):
+        indexer_loss(DSAIndexerConfig(stage="dense_warmup"), aux_c)

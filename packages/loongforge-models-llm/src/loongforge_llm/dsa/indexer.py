@@ -56,6 +56,18 @@ def lightning_indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Te
     return torch.einsum("bsh,bsht->bst", weights.float(), torch.relu(logits))
 
 
+def lightning_indexer_scores_at(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float,
+                                indices: torch.Tensor) -> torch.Tensor:
+    """The index scores at the selected keys only, ``[B, S, K]`` fp32 (``indices`` ``[B, S, K]``,
+    ``-1`` slots give the score of key 0; mask them). Memory ``O(S * K * D)`` instead of ``O(S * T)``:
+    what the sparse-stage indexer loss needs, with gradients to ``q``, ``k`` and ``weights``."""
+    b, s, kk = indices.shape
+    flat = indices.clamp(min=0).reshape(b, s * kk, 1).expand(b, s * kk, k.shape[-1])
+    ks = torch.gather(k, 1, flat).view(b, s, kk, k.shape[-1]).float()
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), ks) * scale
+    return torch.einsum("bsh,bshk->bsk", weights.float(), torch.relu(logits))
+
+
 class LightningIndexer(nn.Module):
     """The DSA indexer of one layer. Parameter names match transformers' ``DeepseekV32Indexer``
     (``wq_b``, ``wk``, ``k_norm``, ``weights_proj``) so its state dict loads as is."""

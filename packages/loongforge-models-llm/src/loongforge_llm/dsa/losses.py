@@ -21,6 +21,7 @@ import torch
 from loongforge.config import ConfigError
 from torch import nn
 
+from .indexer import lightning_indexer_scores_at
 from .sparse_attention import sparse_attention_probs
 from .topk import allowed_mask
 
@@ -85,29 +86,39 @@ def dense_indexer_loss(index_scores: torch.Tensor, target: torch.Tensor, allowed
     return _kl(target, log_q).mean()
 
 
-def sparse_indexer_loss(index_scores: torch.Tensor, target: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+def sparse_indexer_loss(index_scores: torch.Tensor, target: torch.Tensor, topk_indices: torch.Tensor,
+                        gathered: bool = False) -> torch.Tensor:
     """Mean over queries of ``KL(target || softmax(index_scores[S_t]))`` over the selected keys.
 
-    ``index_scores`` ``[B, S, T]``; ``target`` and ``topk_indices`` ``[B, S, K]``.
+    ``index_scores`` ``[B, S, T]``, or ``[B, S, K]`` already at the selected keys with
+    ``gathered=True`` (``lightning_indexer_scores_at``); ``target`` and ``topk_indices`` ``[B, S, K]``.
     """
     valid = topk_indices >= 0
-    picked = index_scores.to(_acc(index_scores.dtype)).gather(-1, topk_indices.clamp(min=0))
+    picked = index_scores.to(_acc(index_scores.dtype))
+    if not gathered:
+        picked = picked.gather(-1, topk_indices.clamp(min=0))
     log_q = torch.log_softmax(picked.masked_fill(~valid, float("-inf")), dim=-1)
     return _kl(target, log_q).mean()
 
 
 def indexer_loss(cfg: DSAIndexerConfig, aux: dict, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The scaled indexer loss from a ``DSAMLAttention(..., return_aux=True)`` aux dict."""
+    """The scaled indexer loss from a ``DSAMLAttention(..., return_aux=True)`` aux dict.
+
+    The sparse stage scores only the selected keys (``aux["indexer"]``: the indexer's q, k, weights,
+    scale), so it also works for a layer run with ``chunk_size``; the dense warm-up needs the
+    whole ``[B, S, T]`` index scores.
+    """
     scores, q, k = aux["index_scores"], aux["query"].detach(), aux["key"].detach()
-    if scores is None:
-        raise ValueError("indexer_loss needs the index scores: run the layer without chunk_size")
-    if cfg.stage == "dense_warmup":
-        allowed = allowed_mask(scores.shape[1], scores.shape[2], segment_ids=segment_ids, device=scores.device)
-        allowed = allowed.expand_as(scores)
-        loss = dense_indexer_loss(scores, dense_attention_target(q, k, aux["scale"], allowed), allowed)
-    else:
+    if cfg.stage == "sparse":
         idx = aux["topk_indices"]
-        loss = sparse_indexer_loss(scores, sparse_attention_target(q, k, aux["scale"], idx), idx)
+        at = lightning_indexer_scores_at(*aux["indexer"], idx)
+        loss = sparse_indexer_loss(at, sparse_attention_target(q, k, aux["scale"], idx), idx, gathered=True)
+        return cfg.loss_weight * loss
+    if scores is None:
+        raise ValueError("the dense warm-up indexer loss needs the index scores: run the layer without chunk_size")
+    allowed = allowed_mask(scores.shape[1], scores.shape[2], segment_ids=segment_ids, device=scores.device)
+    allowed = allowed.expand_as(scores)
+    loss = dense_indexer_loss(scores, dense_attention_target(q, k, aux["scale"], allowed), allowed)
     return cfg.loss_weight * loss
 
 

@@ -119,4 +119,5 @@ class DSAMLAttention(nn.Module):
         out = self.out_proj(sparse_mla_attention(q, k, v, idx, self.scale, chunk_size=chunk_size), absorbed)
         if not return_aux:
             return out
-        return out, {"index_scores": scores, "topk_indices": idx, "query": q, "key": k, "scale": self.scale}
+        return out, {"index_scores": scores, "topk_indices": idx, "query": q, "key": k, "scale": self.scale,
+                     "indexer": (iq, ik, iw, self.indexer.softmax_scale)}
