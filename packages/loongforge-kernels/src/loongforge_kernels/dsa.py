@@ -1,4 +1,4 @@
-"""DeepSeek-V3.2 sparse attention (DSA) kernels: lightning-indexer scores.
+"""DeepSeek-V3.2 sparse attention (DSA) kernels: lightning-indexer scores, sparse MLA forward.
 
 ``lightning_indexer(q, k, weights, scale)``: ``I[b, s, t] = sum_h weights[b, s, h] *
 relu(scale * q[b, s, h] . k[b, t])`` in fp32, q ``[B, S, H, D]``, k ``[B, T, D]`` (one key shared
@@ -58,3 +58,35 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, s
     kernel = indexer_kernel(b, s, t + pad, h, d, dtype)
     out = kernel(q.contiguous(), kp.contiguous(), (weights.float() * scale).contiguous())
     return out[..., :t] if pad else out
+
+
+def sparse_mla_forward_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
+                                 dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed sparse MLA: q ``[B, S, H, D]``, kv ``[B, T, D]`` (key = kv, value = ``kv[..., :dv]``),
+    indices ``[B, S, K]`` (``-1`` ignored, at least one valid per query) -> ``(out [B, S, H, dv]``
+    in q's dtype, natural-log ``lse [B, S, H]`` fp32)."""
+    b, s, k = indices.shape
+    flat = indices.clamp(min=0).long().reshape(b, s * k, 1).expand(b, s * k, kv.shape[-1])
+    sel = torch.gather(kv, 1, flat).view(b, s, k, -1).float()
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), sel) * scale
+    logits = logits.masked_fill((indices < 0)[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.einsum("bshk,bskd->bshd", torch.exp(logits - lse[..., None]), sel[..., :dv])
+    return out.to(q.dtype), lse
+
+
+def sparse_mla_forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
+                       dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only; the TileLang kernel needs heads % 64 == 0 (or heads % 16 == 0 and <= 64)."""
+    h = q.shape[2]
+    block_h = 64 if h % 64 == 0 else h
+    if not _use_tilelang(q, kv) or block_h % 16 or block_h > 64:
+        return sparse_mla_forward_reference(q, kv, indices, scale, dv)
+    from ._tilelang.sparse_mla import sparse_mla_kernel
+
+    b, s, _, d = q.shape
+    pad = (-indices.shape[-1]) % 64
+    idx = torch.nn.functional.pad(indices, (0, pad), value=-1) if pad else indices
+    kernel = sparse_mla_kernel(b, s, kv.shape[1], h, d, dv, idx.shape[-1], float(scale),
+                               "bfloat16" if q.dtype == torch.bfloat16 else "float16", block_h)
+    return kernel(q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous())

@@ -88,6 +88,14 @@ KERNELS = (
         device_types=("cuda",),
         description="DeepSeek-V3.2 DSA indexer scores sum_h w * relu(scale * q . k) (TileLang, forward only).",
     ),
+    Kernel(
+        name="tilelang_sparse_mla_forward",
+        op="sparse_mla_forward",
+        impl=f"{_PKG}.dsa:sparse_mla_forward",
+        reference=f"{_PKG}.dsa:sparse_mla_forward_reference",
+        device_types=("cuda",),
+        description="DeepSeek-V3.2 DSA absorbed MLA over each query's top-k keys -> (out, lse) (TileLang, forward only).",
+    ),
 )
 
 
