@@ -13,8 +13,8 @@ runs without gradient (the sparse stage detaches its input) and its KL loss is N
 
 Rows (``--rows``):
 - ``kernels``: indexer scores by ``loongforge_kernels.dsa.lightning_indexer`` (TileLang on CUDA),
-  chunked top-k, then the torch sparse attention (absorbed MLA, gathered keys, per-chunk
-  recompute in backward) -- there is no fused sparse-MLA kernel yet.
+  chunked top-k, then ``loongforge_kernels.dsa.sparse_mla_forward`` (TileLang, absorbed MLA) in
+  the forward; the backward recomputes the torch sparse attention per chunk (no backward kernel).
 - ``torch``: the same with the indexer scores as a bf16 einsum (unfused torch DSA path).
 - ``dense``: dense causal MLA, expanded k/v, ``F.scaled_dot_product_attention``.
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for src in (ROOT / "packages").glob("*/src"):
     sys.path.insert(0, str(src))
 
-from loongforge_kernels.dsa import lightning_indexer  # noqa: E402
+from loongforge_kernels.dsa import lightning_indexer, sparse_mla_forward  # noqa: E402
 from loongforge_llm.dsa.mla import DSAMLAttention, MLADims  # noqa: E402
 from loongforge_llm.dsa.sparse_attention import sparse_mla_attention  # noqa: E402
 from loongforge_llm.dsa.topk import select_topk  # noqa: E402
@@ -69,6 +69,30 @@ def indexer_topk_rows(layer: DSAMLAttention, hidden, q_lora, cos, sin, row: str,
         return torch.cat(parts, dim=1)
 
 
+class KernelSparseMLA(torch.autograd.Function):
+    """Forward: the TileLang sparse MLA kernel; backward: recompute the torch path per chunk."""
+
+    @staticmethod
+    def forward(ctx, q, kv, idx, scale, dv, chunk):
+        ctx.save_for_backward(q, kv, idx)
+        ctx.scale, ctx.dv, ctx.chunk = scale, dv, chunk
+        return sparse_mla_forward(q, kv, idx, scale, dv)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, kv, idx = ctx.saved_tensors
+        dq, dkv = torch.zeros_like(q), torch.zeros_like(kv, dtype=torch.float32)
+        for a in range(0, q.shape[1], ctx.chunk):
+            with torch.enable_grad():
+                qc, kvc = q[:, a:a + ctx.chunk].detach().requires_grad_(), kv.detach().requires_grad_()
+                k3 = kvc.unsqueeze(2)
+                out = sparse_mla_attention(qc, k3, k3[..., :ctx.dv], idx[:, a:a + ctx.chunk], ctx.scale)
+                gq, gkv = torch.autograd.grad(out, (qc, kvc), grad[:, a:a + ctx.chunk])
+            dq[:, a:a + ctx.chunk] = gq
+            dkv += gkv.float()
+        return dq, dkv.to(kv.dtype), None, None, None, None
+
+
 def layer_forward(layer: DSAMLAttention, x, row: str, chunk: int):
     from loongforge_llm.dsa.indexer import rope_cos_sin
 
@@ -81,6 +105,9 @@ def layer_forward(layer: DSAMLAttention, x, row: str, chunk: int):
         return layer.out_proj(out, absorbed=False)
     q_lora, q, k, v = layer.qkv(x, cos, sin, absorbed=True)
     idx = indexer_topk_rows(layer, x.detach(), q_lora.detach(), cos, sin, row, chunk)
+    if row == "kernels":  # k = [latent | rope] shared by the heads, v = latent = k[..., :kv_lora]
+        out = KernelSparseMLA.apply(q, k[:, :, 0], idx, layer.scale, layer.d.kv_lora_rank, chunk)
+        return layer.out_proj(out, absorbed=True)
     outs = [checkpoint(sparse_mla_attention, q[:, a:a + chunk], k, v, idx[:, a:a + chunk], layer.scale,
                        use_reentrant=False) for a in range(0, s, chunk)]
     return layer.out_proj(torch.cat(outs, dim=1), absorbed=True)
@@ -160,6 +187,18 @@ def main() -> None:
             for prm in layer.parameters():
                 if prm.dim() > 1:
                     prm.normal_(0.0, prm.shape[-1] ** -0.5)
+    if args.tiny:  # the kernels row's autograd (kernel forward, recomputed backward) == the torch row's
+        grads = {}
+        for row in ("kernels", "torch"):
+            layers[0].zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            x = torch.randn(1, 48, d.hidden_size, requires_grad=True)
+            layer_forward(layers[0], x, row, args.chunk).square().mean().backward()
+            grads[row] = [x.grad] + [p.grad for p in layers[0].parameters() if p.grad is not None]
+        assert len(grads["kernels"]) == len(grads["torch"]) > 1
+        for a, b in zip(grads["kernels"], grads["torch"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        print("tiny check: kernels-row gradients == torch-row gradients")
     results = []
     for s in seqs:
         for row in args.rows.split(","):
