@@ -48,6 +48,7 @@ def sparse_mla_kernel(batch: int, seq_q: int, seq_k: int, heads: int, dim: int, 
             l_sum = T.alloc_fragment((block_h,), accum)
             row = T.alloc_fragment((block_h,), accum)
             h0 = hb * block_h
+            zero = T.cast(0, dtype)
             T.copy(Q[b, sq, h0:h0 + block_h, 0:dv], q_lat)
             T.copy(Q[b, sq, h0:h0 + block_h, dv:dim], q_rope)
             T.fill(acc_o, 0)
@@ -56,10 +57,10 @@ def sparse_mla_kernel(batch: int, seq_q: int, seq_k: int, heads: int, dim: int, 
             for it in T.serial(topk // block_i):
                 i0 = it * block_i
                 for i, d in T.Parallel(block_i, dv):
-                    lat_s[i, d] = T.if_then_else(Idx[b, sq, i0 + i] >= 0, KV[b, T.max(Idx[b, sq, i0 + i], 0), d], 0)
+                    lat_s[i, d] = T.if_then_else(Idx[b, sq, i0 + i] >= 0, KV[b, T.max(Idx[b, sq, i0 + i], 0), d], zero)
                 for i, d in T.Parallel(block_i, dr):
                     rope_s[i, d] = T.if_then_else(Idx[b, sq, i0 + i] >= 0,
-                                                  KV[b, T.max(Idx[b, sq, i0 + i], 0), dv + d], 0)
+                                                  KV[b, T.max(Idx[b, sq, i0 + i], 0), dv + d], zero)
                 T.clear(acc_s)
                 T.gemm(q_lat, lat_s, acc_s, transpose_B=True)
                 T.gemm(q_rope, rope_s, acc_s, transpose_B=True)
