@@ -80,6 +80,22 @@ KERNELS = (
         description="torch AdamW over all fp32 master params in one launch, writing their bf16 model "
                     "copies in the same pass; the clip factor divides grads on load.",
     ),
+    Kernel(
+        name="tilelang_lightning_indexer",
+        op="lightning_indexer",
+        impl=f"{_PKG}.dsa:lightning_indexer",
+        reference=f"{_PKG}.dsa:lightning_indexer_reference",
+        device_types=("cuda",),
+        description="DeepSeek-V3.2 DSA indexer scores sum_h w * relu(scale * q . k) (TileLang, forward only).",
+    ),
+    Kernel(
+        name="tilelang_sparse_mla_forward",
+        op="sparse_mla_forward",
+        impl=f"{_PKG}.dsa:sparse_mla_forward",
+        reference=f"{_PKG}.dsa:sparse_mla_forward_reference",
+        device_types=("cuda",),
+        description="DeepSeek-V3.2 DSA absorbed MLA over each query's top-k keys -> (out, lse) (TileLang, forward only).",
+    ),
 )
 
 
