@@ -19,7 +19,7 @@ import sys
 DEFAULT_CONFIG = "default"
 #: torchrun flags ``loongforge run`` passes through to torch's elastic launcher
 LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
-                "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
+                "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts", "--shutdown-timeout")
 
 
 class CliError(Exception):
@@ -86,23 +86,49 @@ def _launch(args, launch: list[str]) -> int:
     """Re-run this command under torch's elastic launcher, one process per rank."""
     from torch.distributed.run import main as torchrun
 
+    from loongforge.preflight import PREFLIGHT_ENV
+
     child = ["--no-python", sys.executable, "-m", "loongforge.cli", "run", args.config, *args.overrides]
+    os.environ[PREFLIGHT_ENV] = "done"  # checked once, here; the workers inherit it
     if not any(flag.split("=")[0] in ("--nnodes", "--master-addr", "--master-port") for flag in launch):
         launch = ["--standalone", *launch]  # one node: rendezvous on a free port, not a fixed 29500
-    torchrun([*launch, *child])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from loongforge.trainer.compat import checkpoint_root
+    from loongforge.trainer.signals import EXIT_INTERRUPTED
+
+    latest = checkpoint_root(_compose(args)) / "latest"
+    before = latest.read_text() if latest.is_file() else None
+    try:
+        torchrun([*launch, *child])
+    except SignalException as exc:  # torchrun forwarded it to the workers and waited for them
+        after = latest.read_text() if latest.is_file() else None
+        if after is not None and after != before:
+            return EXIT_INTERRUPTED  # the workers saved (rank 0 printed the line)
+        print(f"stopped by {exc.sigval.name}; no new checkpoint was saved", file=sys.stderr)
+        return 128 + int(exc.sigval)
     return 0
 
 
 def cmd_run(args, launch: list[str]) -> int:
-    if launch and "RANK" not in os.environ:
-        return _launch(args, launch)
+    from loongforge import preflight
     from loongforge.plugins import lookup
     from loongforge.registry import load_object
 
     plugins = _plugins()
-    _report_failures(plugins)
+    if not preflight.done():
+        _report_failures(plugins)
     cfg = _compose(args)
     task = lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
+    if not preflight.done():  # before any worker starts: a user error is printed once
+        world = preflight.world_size_of(launch) if launch else int(os.environ.get("WORLD_SIZE", 1))
+        cfg = preflight.preflight(cfg, plugins, world)
+    if launch and "RANK" not in os.environ:
+        return _launch(args, launch)
+    if "RANK" in os.environ:  # a torchrun worker: die with the launcher, also when it is SIGKILLed
+        from loongforge.trainer.signals import die_with_parent
+
+        die_with_parent()
     load_object(task.run)(cfg, plugins)
     return 0
 
@@ -230,6 +256,7 @@ def _split_launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from loongforge.errors import LoongForgeError
+    from loongforge.trainer.signals import EXIT_INTERRUPTED, Interrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, launch = _split_launch_flags(argv)
@@ -244,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, LoongForgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first, below)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as exc:  # SIGTERM/SIGINT in training: the checkpoint is saved
+        if os.environ.get("RANK", "0") == "0":
+            print(exc, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

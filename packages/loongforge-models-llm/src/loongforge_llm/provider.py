@@ -30,6 +30,7 @@ from loongforge_llm.common.args import (
     parse_model_args,
     to_plain_dict,
 )
+from loongforge_llm.common.hf_fields import check_fields
 from loongforge_llm.families import family_for_model_type, get_family
 
 if TYPE_CHECKING:
@@ -37,12 +38,7 @@ if TYPE_CHECKING:
     from loongforge.weight_mapping import WeightMapping
     from megatron.core.transformer import TransformerConfig
 
-__all__ = [
-    "LLMProvider",
-    "hf_config_for",
-    "model_cfg_from_hf_config",
-    "weight_mapping_for",
-]
+__all__ = ["LLMProvider", "model_cfg_from_hf_config"]
 
 
 class _DropGPTModelDeprecation(logging.Filter):
@@ -76,6 +72,8 @@ class LLMProvider:
     def __init__(self, model_cfg: Any, *, plugins: Any = None):
         self.model_cfg = model_cfg
         self._section = to_plain_dict(model_cfg)
+        if self._section.get("family") is not None:  # an unknown family fails naming the known ones
+            check_fields(self._section, get_family(str(self._section["family"])).hf_fields, ModelConfigError)
         args = parse_model_args(self._section)
         self.family = get_family(args.family)
         self.family.validate(args)
@@ -106,6 +104,16 @@ class LLMProvider:
         """Parameter count from the config (HF count; with ``padded``, our padded embedding)."""
         vocab = self.padded_vocab_size(padded) if padded is not None else None
         return num_parameters(self.args, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, vocab_size=vocab)
+
+    def architecture(self) -> dict[str, Any]:
+        """What fixes the parameters and the computed function, normalised (an absent ``head_dim``
+        is ``hidden_size / num_attention_heads``): resuming compares it with the checkpoint's.
+        Not in it: initialisation, dropout, token ids, ``max_position_embeddings`` (RoPE needs
+        no table; ``llama3`` scaling keeps its own ``original_max_position_embeddings``)."""
+        a = dataclasses.asdict(self.args)
+        for key in ("initializer_range", "attention_dropout", "extra", "max_position_embeddings"):
+            a.pop(key)
+        return {**a, "qk_norm": self.qk_norm}
 
     # --- megatron-core -------------------------------------------------------------------------
     def _fusion_flags(self, on_cuda: bool) -> dict[str, bool]:
@@ -312,17 +320,7 @@ class LLMProvider:
         return cfg
 
 
-# --- registry entry points (ModelFamily.weight_mapping / hf_config_from_model) -------------------
-
-
-def weight_mapping_for(model_cfg: Any, run: RunSettings | None = None) -> WeightMapping:
-    """``ModelFamily.weight_mapping``: the mapping of the model described by ``model_cfg``."""
-    return LLMProvider(model_cfg).weight_mapping(run)
-
-
-def hf_config_for(model_cfg: Any) -> dict[str, Any]:
-    """``ModelFamily.hf_config_from_model``: the HF ``config.json`` dict of ``model_cfg``."""
-    return LLMProvider(model_cfg).hf_config()
+# --- registry entry point (ModelFamily.from_hf_config) ------------------------------------------
 
 
 def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class FamilySpec:
     always has q/k/v biases, ``None`` when ``attention_bias`` decides. ``hf_reference``: the
     ``transformers`` class the parity tests compare against; ``None`` when there is none, in which
     case ``supported`` is ``False``. ``ignore_hf``: regexes of HF tensors knowingly not loaded.
+    ``hf_fields``: config.json fields of this family's own, known to change nothing we build.
     """
 
     name: str
@@ -32,6 +33,8 @@ class FamilySpec:
     hf_reference: str | None = None
     supported: bool = True
     ignore_hf: tuple[str, ...] = ()
+    #: HF config.json fields of this family beyond ``common.hf_fields`` (known, harmless)
+    hf_fields: tuple[str, ...] = ()
     description: str = ""
 
     def has_qkv_bias(self, args: DenseArgs) -> bool:
