@@ -75,6 +75,17 @@ def section_from_hf(hf: dict[str, Any], family: str, registry) -> dict[str, Any]
     return section
 
 
+def validate_hf_config(hf: dict[str, Any], config_file: Path, plugins=None) -> dict[str, Any]:
+    """The ``model`` section of an HF ``config.json``, read and validated by its family, without
+    importing torch (converters call it first, so a config error is reported before heavy imports)."""
+    if plugins is None:
+        from loongforge.plugins import get_plugin_manager
+
+        plugins = get_plugin_manager()
+    registry = plugins.registry() if hasattr(plugins, "registry") else plugins
+    return section_from_hf(hf, family_for(hf, Path(config_file), registry), registry)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
         return float(a) == float(b)
@@ -112,6 +123,34 @@ def resolve_model_section(cfg, plugins, explicit: dict[str, str] | None = None):
         cfg.model = OmegaConf.create({**section, **{k: current[k] for k in explicit}, "family": family,
                                       "pretrained": str(cfg.model.pretrained)})
     return cfg
+
+
+def check_pretrained_weights(path: str | Path) -> None:
+    """Every safetensors file of the HF directory opens (its header and size agree): a truncated
+    or missing shard fails here, naming the file, before any process starts."""
+    from safetensors import safe_open
+
+    from loongforge.weight_mapping import MappingError
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MappingError(f"{index}: not a safetensors index ({exc})") from exc
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MappingError(f"config key 'model.pretrained': {path} has no *.safetensors weights")
+    for file in files:
+        if not file.is_file():
+            raise MappingError(f"{file} is missing (named by {index.name})")
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+            raise MappingError(f"{file}: cannot read it as safetensors ({exc}); truncated or corrupt file?") from exc
 
 
 def model_provider(cfg, plugins):

@@ -48,9 +48,20 @@ def check_train(cfg) -> None:
 def preflight(cfg, plugins, world_size: int | None = 1):
     """Check ``cfg`` for a world of ``world_size`` processes (None: unknown yet) and prepare its
     checkpoint directory; returns ``cfg`` (with ``model.pretrained`` resolved)."""
+    from loongforge.model_section import check_pretrained_weights, model_provider
+    from loongforge.parallel import validate_layout
     from loongforge.trainer.compat import prepare_checkpoint_dir
 
     check_train(cfg)
+    family = cfg.model.get("family")
+    if family in plugins.registry().models:
+        model_provider(cfg, plugins)  # the family validates its section (unknown keys, unsupported fields)
+    if cfg.model.get("pretrained"):
+        check_pretrained_weights(cfg.model.pretrained)
+    if world_size is not None:
+        m = cfg.model
+        validate_layout(cfg, world_size, m.get("num_hidden_layers"), m.get("num_attention_heads"),
+                        m.get("num_key_value_heads"))
     # under a plain `torchrun -m loongforge.cli run` every rank checks; only rank 0 deletes
     prepare_checkpoint_dir(cfg, plugins, is_main=os.environ.get("RANK", "0") == "0")
     return cfg
