@@ -22,6 +22,21 @@ LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", 
                 "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts", "--shutdown-timeout")
 
 
+RUN_EPILOG = """\
+launching:
+  --nproc-per-node N   start N processes on this machine (torchrun); further torchrun flags:
+                       --nnodes, --node-rank, --master-addr, --master-port, --rdzv-*, --shutdown-timeout
+
+examples:
+  loongforge run train.steps=50                               the default config, 50 steps
+  loongforge run sft_demo model.pretrained=/models/Qwen3-0.6B tokenizer.path=/models/Qwen3-0.6B \\
+      --nproc-per-node 8                                      fine-tune HF weights on 8 GPUs
+
+exit codes: 0 done, 2 a user error (one line on stderr), 75 stopped by SIGTERM/SIGINT after saving
+a checkpoint (run the same command to resume), 128+N killed by a second signal N.
+"""
+
+
 class CliError(Exception):
     """A user error: printed without a traceback."""
 
@@ -59,12 +74,18 @@ def cmd_models(args) -> int:
 
     plugins = _plugins()
     registry = plugins.registry()
-    table = Table("family", "plugin", "HF model_type", "configs")
+    table = Table("family", "plugin", "HF model_type", "status", "sizes (test-only sizes: *_tiny)")
     for name, rec in registry.models.items():
-        groups = rec.config_groups or (f"models/{name}",)
-        listing = "\n".join(f"/{g}: " + ", ".join(list_configs(registry, g)) for g in groups)
-        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types), listing or "-")
-    Console(width=200).print(table)
+        rows = []
+        for group in rec.config_groups or (f"models/{name}",):
+            names = list_configs(registry, group)
+            real = [n for n in names if not n.endswith("_tiny")]
+            tests = [n for n in names if n.endswith("_tiny")]
+            rows.append(f"/{group}: {', '.join(real) or '-'}" + (f"  (test only: {', '.join(tests)})" if tests else ""))
+        status = "supported" if rec.supported else "[yellow]UNSUPPORTED: no reference implementation (parity not proven)[/yellow]"
+        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types), status,
+                      "\n".join(rows) or "-")
+    Console(width=220).print(table)
     _report_failures(plugins)
     return 0
 
@@ -78,8 +99,33 @@ def _compose(args):
 def cmd_config_show(args) -> int:
     from omegaconf import OmegaConf
 
-    print(OmegaConf.to_yaml(_compose(args)), end="")
+    cfg = _compose(args)
+    print(OmegaConf.to_yaml(cfg), end="")
+    if cfg.backend is None:  # a YAML comment: the output stays a loadable config
+        from loongforge.trainer.runtime import select_backend
+
+        backend = select_backend(_plugins(), None)
+        print(f"# backend: null resolves to {backend.name!r} on this machine "
+              "(the available backend with the highest priority)")
     return 0
+
+
+def _versions() -> str:
+    """Every installed LoongForge distribution with its version."""
+    from importlib.metadata import distributions
+
+    found = sorted({(d.metadata["Name"], d.version) for d in distributions()
+                    if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("loongforge")})
+    return "\n".join(f"{name} {version}" for name, version in found) or "loongforge (no distribution metadata)"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print every installed LoongForge package's version")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit()
 
 
 def _launch(args, launch: list[str]) -> int:
@@ -99,8 +145,14 @@ def _launch(args, launch: list[str]) -> int:
 
     latest = checkpoint_root(_compose(args)) / "latest"
     before = latest.read_text() if latest.is_file() else None
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         torchrun([*launch, *child])
+    except ChildFailedError as exc:  # the workers printed their errors; no launcher traceback on top
+        ranks = ", ".join(f"rank {f.global_rank} (exit code {f.exitcode})" for f in exc.failures.values())
+        print(f"error: worker processes failed: {ranks}", file=sys.stderr)
+        return 1
     except SignalException as exc:  # torchrun forwarded it to the workers and waited for them
         after = latest.read_text() if latest.is_file() else None
         if after is not None and after != before:
@@ -184,6 +236,7 @@ def cmd_convert(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):
@@ -191,7 +244,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="a YAML file, or a config name from the plugins' config directories")
         p.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax)")
 
-    run = sub.add_parser("run", help="compose a config and run its task (train)")
+    run = sub.add_parser(
+        "run", help="compose a config and run its task (train)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Compose CONFIG (default: {DEFAULT_CONFIG!r}, a small Qwen3-style model on the shipped "
+                    "tiny-stories corpus) with key=value overrides and run its task.",
+        epilog=RUN_EPILOG)
     config_args(run)
     run.set_defaults(func=cmd_run)
     sub.add_parser("plugins", help="installed plugins, versions and hooks").set_defaults(func=cmd_plugins)
