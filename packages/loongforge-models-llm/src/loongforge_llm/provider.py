@@ -30,6 +30,7 @@ from loongforge_llm.common.args import (
     parse_model_args,
     to_plain_dict,
 )
+from loongforge_llm.common.family import FamilySpec
 from loongforge_llm.common.hf_fields import check_fields
 from loongforge_llm.families import family_for_model_type, get_family
 
@@ -69,13 +70,25 @@ class LLMProvider:
     ``loongforge_layer_spec``; moving is a change of this class only.
     """
 
+    #: the family this provider class is bound to (``loongforge_llm.dense.dense_provider``); None:
+    #: one of this package's families, by ``model.family``
+    family_spec: FamilySpec | None = None
+
     def __init__(self, model_cfg: Any, *, plugins: Any = None):
         self.model_cfg = model_cfg
         self._section = to_plain_dict(model_cfg)
-        if self._section.get("family") is not None:  # an unknown family fails naming the known ones
-            check_fields(self._section, get_family(str(self._section["family"])).hf_fields, ModelConfigError)
+        spec = self.family_spec
+        if spec is not None:
+            self._section.setdefault("family", spec.name)
+            if self._section["family"] != spec.name:
+                raise ModelConfigError(f"config key 'model.family': {self._section['family']!r} is built by the "
+                                       f"{spec.name!r} provider")
+        elif self._section.get("family") is not None:  # an unknown family fails naming the known ones
+            spec = get_family(str(self._section["family"]))
+        if spec is not None:
+            check_fields(self._section, spec.hf_fields, ModelConfigError)
         args = parse_model_args(self._section)
-        self.family = get_family(args.family)
+        self.family = spec or get_family(args.family)
         self.family.validate(args)
         self.qkv_bias = self.family.has_qkv_bias(args)
         #: the parsed section; ``attention_bias`` normalised to "has q/k/v biases" for the family
@@ -186,13 +199,9 @@ class LLMProvider:
 
     def layer_spec(self, config: TransformerConfig, backend: Any) -> Any:
         """The layer spec from the ``loongforge_layer_spec`` hook (default: ``backend.layer_spec``)."""
-        plugins = self._plugins
-        if plugins is None:
-            from loongforge.plugins import get_plugin_manager
+        from loongforge.model_provider import transformer_layer_spec
 
-            plugins = get_plugin_manager()
-        spec = plugins.hook.loongforge_layer_spec(backend=backend, config=config, model_cfg=self.model_cfg)
-        return spec if spec is not None else backend.layer_spec(config, self.model_cfg)
+        return transformer_layer_spec(config, backend, self.model_cfg, self._plugins)
 
     def build(
         self,
@@ -290,6 +299,20 @@ class LLMProvider:
         mapping = self.weight_mapping(run).matching(state)
         return mapping.ours_to_hf(state.__getitem__)
 
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """A ``model`` section from an HF ``config.json`` dict: the same keys plus ``family`` (this
+        class's bound family, else the one whose ``hf_model_types`` has ``model_type``), validated
+        (unsupported fields refused), RoPE keys in the legacy ``rope_theta``/``rope_scaling`` form."""
+        section = dict(hf_config)
+        spec = cls.family_spec or family_for_model_type(str(hf_config.get("model_type")))
+        section.setdefault("family", spec.name)
+        a = cls(section).args
+        section["rope_theta"] = a.rope_theta
+        section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None
+        section.pop("rope_parameters", None)
+        return section
+
     def hf_config(self) -> dict[str, Any]:
         """The HF ``config.json`` of this model (legacy ``rope_theta``/``rope_scaling`` keys, which
         every transformers version reads)."""
@@ -324,13 +347,5 @@ class LLMProvider:
 
 
 def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """A ``model`` section from an HF ``config.json`` dict: the same keys plus ``family``
-    (from ``model_type``), validated."""
-    section = dict(hf_config)
-    section.setdefault("family", family_for_model_type(str(hf_config.get("model_type"))).name)
-    provider = LLMProvider(section)
-    a = provider.args
-    section["rope_theta"] = a.rope_theta
-    section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None
-    section.pop("rope_parameters", None)
-    return section
+    """``ModelFamily.from_hf_config`` of this package's families (see :meth:`LLMProvider.from_hf_config`)."""
+    return LLMProvider.from_hf_config(hf_config)
