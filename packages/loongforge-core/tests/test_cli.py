@@ -50,7 +50,7 @@ def test_run_help_names_the_default_config_launching_and_examples():
     out = result.stdout
     assert "default: 'default'" in out and "--nproc-per-node N" in out
     assert out.count("\n  loongforge run ") == 2  # two examples
-    assert "75 stopped by SIGTERM/SIGINT" in out
+    assert "75 stopped by" in out and "SIGTERM/SIGINT after saving a checkpoint" in out
 
 
 def test_version_lists_every_installed_package():

@@ -71,7 +71,8 @@ def test_signal_saves_a_checkpoint_and_exits_75(third_party_site, tmp_path, sig,
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     lines = [line for line in err.splitlines() if "stopped by" in line]
     assert lines == [f"stopped by {sig.name} at step {step}; checkpoint saved: "
-                     f"{tmp_path / 'out' / 'checkpoints' / f'step_{step:08d}'} (run the same command to resume)"]
+                     f"{tmp_path / 'out' / 'checkpoints' / f'step_{step:08d}'} "
+                     "(a run with checkpoint.load=auto, the default, resumes from it)"]
     assert "Traceback" not in err
 
 

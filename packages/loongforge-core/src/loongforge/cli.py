@@ -32,8 +32,9 @@ examples:
   loongforge run sft_demo model.pretrained=/models/Qwen3-0.6B tokenizer.path=/models/Qwen3-0.6B \\
       --nproc-per-node 8                                      fine-tune HF weights on 8 GPUs
 
-exit codes: 0 done, 2 a user error (one line on stderr), 75 stopped by SIGTERM/SIGINT after saving
-a checkpoint (run the same command to resume), 128+N killed by a second signal N.
+exit codes: 0 done, 1 a worker failed, 2 a user error (one line on stderr), 75 stopped by
+SIGTERM/SIGINT after saving a checkpoint (the same command resumes: checkpoint.load=auto), 128+N
+killed by a second signal N.
 """
 
 

@@ -107,16 +107,23 @@ def resolve_model_section(cfg, plugins, explicit: dict[str, str] | None = None):
     at_compose = explicit is not None
     where = dict(explicit or {})
     explicit = set(current) if explicit is None else set(explicit) & set(current)
-    family = family_for(hf, path / "config.json", registry, current.get("family") if "family" in explicit else None)
-    record = registry.models.get(family)
-    if at_compose and (record is None or not record.from_hf_config):
-        return cfg  # a family without a declared reading of config.json: its task resolves the section
+    chosen = current.get("family") if "family" in explicit else None
+    record = registry.models.get(chosen or family_for(hf, path / "config.json", registry))
+    if record is None or not record.from_hf_config:
+        if at_compose:
+            return cfg  # a family without a declared reading of config.json: its task resolves the section
+        # such a family gets the config.json's keys under the section's own (the section wins)
+        with open_dict(cfg):
+            cfg.model = {**{k: v for k, v in hf.items() if not k.startswith("_")}, **current,
+                         "family": chosen or record.name}
+        return cfg
+    family = family_for(hf, path / "config.json", registry, chosen)
     section = section_from_hf(hf, family, registry)
     for key in sorted(explicit - set(OWN_KEYS)):
         if key in section and not _same(current[key], section[key]):
             raise ConfigError(
-                f"config key 'model.{key}' is {current[key]!r} ({where.get(key, 'in the model section')}) but {path / 'config.json'} has "
-                f"{key}={section[key]!r}: with model.pretrained the architecture comes from the config.json; "
+                f"config key 'model.{key}' is {current[key]!r} ({where.get(key, 'in the model section')}) but "
+                f"{path / 'config.json'} has {key}={section[key]!r}: with model.pretrained the architecture comes from the config.json; "
                 f"remove model.{key}"
             )
     with open_dict(cfg):

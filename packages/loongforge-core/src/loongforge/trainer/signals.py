@@ -3,7 +3,7 @@
 * SIGTERM or SIGINT (Ctrl-C): the current step finishes, every rank agrees to stop at the same
   step (one all-reduce of a flag per step), a complete checkpoint is saved and the run exits
   with :data:`EXIT_INTERRUPTED` (75) after one line naming the checkpoint; running the same
-  command again resumes from it.
+  command again (with the default ``checkpoint.load=auto``) resumes from it.
 * A second signal exits at once (code 128 + signal number). Checkpoints are written to
   ``step_N.tmp`` and renamed, and ``latest`` is replaced atomically, so the last complete
   checkpoint stays loadable.
@@ -24,7 +24,7 @@ import signal
 import sys
 
 #: exit code of a run stopped by SIGTERM/SIGINT after saving a complete checkpoint (EX_TEMPFAIL:
-#: "try again": the same command resumes)
+#: "try again": the same command resumes with checkpoint.load=auto)
 EXIT_INTERRUPTED = 75
 
 _PR_SET_PDEATHSIG = 1
@@ -36,7 +36,7 @@ class Interrupted(Exception):  # noqa: N818 - not an error: the requested stop
     def __init__(self, signum: int, step: int, checkpoint):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved: {checkpoint} "
-                         f"(run the same command to resume)")
+                         "(a run with checkpoint.load=auto, the default, resumes from it)")
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
