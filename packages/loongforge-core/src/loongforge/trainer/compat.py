@@ -13,7 +13,7 @@
 The model is compared through the provider's ``architecture()`` (see
 ``loongforge.model_provider.ModelProvider``), which normalises defaults (an absent ``head_dim``
 equals ``hidden_size / num_attention_heads``); for a provider without it, every ``model`` key
-except :data:`NON_ARCHITECTURE_KEYS` is compared as written.
+except :data:`NON_ARCHITECTURE_KEYS` (at any nesting level) is compared as written.
 """
 
 from __future__ import annotations
@@ -48,7 +48,14 @@ NON_ARCHITECTURE_KEYS = frozenset({
     "pretrained", "fusions", "use_cpu_initialization", "initializer_range", "torch_dtype", "dtype",
     "transformers_version", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path",
     "architectures", "attention_dropout", "transformer_config",
+    "parallel",  # a component's own layout (e.g. the VLM's model.image_encoder.parallel.tp)
 })
+
+
+def _as_written(section: dict[str, Any]) -> dict[str, Any]:
+    """The section minus :data:`NON_ARCHITECTURE_KEYS`, at every nesting level."""
+    return {k: _as_written(v) if isinstance(v, dict) else v for k, v in section.items()
+            if k not in NON_ARCHITECTURE_KEYS}
 
 
 def checkpoint_root(cfg) -> Path:
@@ -84,7 +91,7 @@ def architecture(model_section: Any, plugins) -> dict[str, Any]:
             provider = None
         if provider is not None and hasattr(provider, "architecture"):
             return {"family": section.get("family"), **provider.architecture()}
-    return {k: v for k, v in section.items() if k not in NON_ARCHITECTURE_KEYS}
+    return _as_written(section)
 
 
 def check_resume(cfg, path: Path, plugins) -> None:
