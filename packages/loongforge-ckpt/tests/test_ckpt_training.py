@@ -104,7 +104,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes(scenario):
     assert 1 <= k < STEPS
 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    steps = [int(m) for m in re.findall(r"^step (\d+) loss", resumed.stdout + resumed.stderr, flags=re.M)]
+    steps = [int(m) for m in re.findall(r"^step (\d+)/\d+ \| loss", resumed.stdout + resumed.stderr, flags=re.M)]
     assert steps == list(range(k + 1, STEPS + 1)), steps  # resumed after the last complete checkpoint
     ckpts = scenario["ckpts"]
     assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"

@@ -8,7 +8,7 @@ import loongforge_llm
 import pytest
 from loongforge.model_provider import RunSettings
 from loongforge_llm.families import FAMILIES
-from loongforge_llm.provider import LLMProvider, hf_config_for, model_cfg_from_hf_config
+from loongforge_llm.provider import LLMProvider, model_cfg_from_hf_config
 from omegaconf import OmegaConf
 
 CONFIGS = Path(loongforge_llm.__file__).parent / "configs" / "models"
@@ -71,7 +71,7 @@ def test_parameter_counts_match_published(name, count):
 def test_hf_config_round_trip(group, name):
     node = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
     p = LLMProvider(node)
-    hf = hf_config_for(node)
+    hf = LLMProvider(node).hf_config()
     assert hf["architectures"] == [p.family.hf_architecture] and hf["model_type"] in p.family.hf_model_types
     assert hf["torch_dtype"] == "bfloat16"
     again = LLMProvider(model_cfg_from_hf_config(hf))

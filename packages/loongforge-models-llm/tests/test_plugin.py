@@ -29,7 +29,8 @@ def test_records():
     for r in records.values():
         expected = {"qwen3_moe": "MoEProvider", "deepseek_v3": "DeepseekV3Provider"}.get(r.name, "LLMProvider")
         assert load_object(r.builder).__name__ == expected
-        assert callable(load_object(r.weight_mapping)) and callable(load_object(r.hf_config_from_model))
+        assert callable(load_object(r.from_hf_config))
+        assert r.supported == (r.name != "mimo")
     (cdir,) = plugin.loongforge_config_dirs()
     assert cdir.path == "pkg://loongforge_llm.configs" and cdir.provider == "llm"
     assert (importlib.resources.files("loongforge_llm.configs") / "models" / "qwen3" / "qwen3_0.6b.yaml").is_file()

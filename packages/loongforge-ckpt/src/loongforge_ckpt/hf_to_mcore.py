@@ -92,14 +92,10 @@ def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: boo
                         allow_unmapped: bool = False, log=print, plugins=None) -> Path:
     """Convert; returns the step directory written. ``plugins``: the plugin manager whose model
     families are used (default: the process-wide one)."""
-    import torch
     from loongforge.config.compose import validate
     from loongforge.model_provider import RunSettings
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from loongforge.model_section import validate_hf_config
     from omegaconf import OmegaConf
-
-    from loongforge_ckpt import native
-    from loongforge_ckpt.safetensors_io import HFCheckpoint
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_file = hf_dir / "config.json"
@@ -109,6 +105,13 @@ def convert_hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, force: boo
         hf_cfg = json.loads(config_file.read_text())
     except ValueError as exc:
         raise ConversionError(f"{config_file}: not JSON ({exc})") from None
+    validate_hf_config(hf_cfg, config_file, plugins)  # torch-free: a config error is one line, before any import
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from loongforge_ckpt import native
+    from loongforge_ckpt.safetensors_io import HFCheckpoint
+
     section = native.section_from_hf_config(hf_cfg, str(config_file), plugins)
     provider = native.provider_for(section, plugins)
     check_layout(provider, section, tp, pp)

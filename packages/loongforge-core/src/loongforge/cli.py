@@ -19,7 +19,23 @@ import sys
 DEFAULT_CONFIG = "default"
 #: torchrun flags ``loongforge run`` passes through to torch's elastic launcher
 LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
-                "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
+                "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts", "--shutdown-timeout")
+
+
+RUN_EPILOG = """\
+launching:
+  --nproc-per-node N   start N processes on this machine (torchrun); further torchrun flags:
+                       --nnodes, --node-rank, --master-addr, --master-port, --rdzv-*, --shutdown-timeout
+
+examples:
+  loongforge run train.steps=50                               the default config, 50 steps
+  loongforge run sft_demo model.pretrained=/models/Qwen3-0.6B tokenizer.path=/models/Qwen3-0.6B \\
+      --nproc-per-node 8                                      fine-tune HF weights on 8 GPUs
+
+exit codes: 0 done, 1 a worker failed, 2 a user error (one line on stderr), 75 stopped by
+SIGTERM/SIGINT after saving a checkpoint (the same command resumes: checkpoint.load=auto), 128+N
+killed by a second signal N.
+"""
 
 
 class CliError(Exception):
@@ -59,12 +75,18 @@ def cmd_models(args) -> int:
 
     plugins = _plugins()
     registry = plugins.registry()
-    table = Table("family", "plugin", "HF model_type", "configs")
+    table = Table("family", "plugin", "HF model_type", "status", "sizes (test-only sizes: *_tiny)")
     for name, rec in registry.models.items():
-        groups = rec.config_groups or (f"models/{name}",)
-        listing = "\n".join(f"/{g}: " + ", ".join(list_configs(registry, g)) for g in groups)
-        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types), listing or "-")
-    Console(width=200).print(table)
+        rows = []
+        for group in rec.config_groups or (f"models/{name}",):
+            names = list_configs(registry, group)
+            real = [n for n in names if not n.endswith("_tiny")]
+            tests = [n for n in names if n.endswith("_tiny")]
+            rows.append(f"/{group}: {', '.join(real) or '-'}" + (f"  (test only: {', '.join(tests)})" if tests else ""))
+        status = "supported" if rec.supported else "[yellow]UNSUPPORTED: no reference implementation (parity not proven)[/yellow]"
+        table.add_row(name, registry.owners[("models", name)], ", ".join(rec.hf_model_types), status,
+                      "\n".join(rows) or "-")
+    Console(width=220).print(table)
     _report_failures(plugins)
     return 0
 
@@ -78,30 +100,89 @@ def _compose(args):
 def cmd_config_show(args) -> int:
     from omegaconf import OmegaConf
 
-    print(OmegaConf.to_yaml(_compose(args)), end="")
+    cfg = _compose(args)
+    print(OmegaConf.to_yaml(cfg), end="")
+    if cfg.backend is None:  # a YAML comment: the output stays a loadable config
+        from loongforge.trainer.runtime import select_backend
+
+        backend = select_backend(_plugins(), None)
+        print(f"# backend: null resolves to {backend.name!r} on this machine "
+              "(the available backend with the highest priority)")
     return 0
+
+
+def _versions() -> str:
+    """Every installed LoongForge distribution with its version."""
+    from importlib.metadata import distributions
+
+    found = sorted({(d.metadata["Name"], d.version) for d in distributions()
+                    if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("loongforge")})
+    return "\n".join(f"{name} {version}" for name, version in found) or "loongforge (no distribution metadata)"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print every installed LoongForge package's version")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit()
 
 
 def _launch(args, launch: list[str]) -> int:
     """Re-run this command under torch's elastic launcher, one process per rank."""
     from torch.distributed.run import main as torchrun
 
+    from loongforge.preflight import PREFLIGHT_ENV
+
     child = ["--no-python", sys.executable, "-m", "loongforge.cli", "run", args.config, *args.overrides]
+    os.environ[PREFLIGHT_ENV] = "done"  # checked once, here; the workers inherit it
     if not any(flag.split("=")[0] in ("--nnodes", "--master-addr", "--master-port") for flag in launch):
         launch = ["--standalone", *launch]  # one node: rendezvous on a free port, not a fixed 29500
-    torchrun([*launch, *child])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from loongforge.trainer.compat import checkpoint_root
+    from loongforge.trainer.signals import EXIT_INTERRUPTED
+
+    latest = checkpoint_root(_compose(args)) / "latest"
+    before = latest.read_text() if latest.is_file() else None
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun([*launch, *child])
+    except ChildFailedError as exc:  # the workers printed their errors; no launcher traceback on top
+        ranks = ", ".join(f"rank {f.global_rank} (exit code {f.exitcode})" for f in exc.failures.values())
+        print(f"error: worker processes failed: {ranks}", file=sys.stderr)
+        return 1
+    except SignalException as exc:  # torchrun forwarded it to the workers and waited for them
+        after = latest.read_text() if latest.is_file() else None
+        if after is not None and after != before:
+            return EXIT_INTERRUPTED  # the workers saved (rank 0 printed the line)
+        print(f"stopped by {exc.sigval.name}; no new checkpoint was saved", file=sys.stderr)
+        return 128 + int(exc.sigval)
     return 0
 
 
 def cmd_run(args, launch: list[str]) -> int:
-    if launch and "RANK" not in os.environ:
-        return _launch(args, launch)
-    from loongforge.trainer.loop import run
+    from loongforge import preflight
+    from loongforge.plugins import lookup
 
     plugins = _plugins()
-    _report_failures(plugins)
+    if not preflight.done():
+        _report_failures(plugins)
     cfg = _compose(args)
+    lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
+    if not preflight.done():  # before any worker starts: a user error is printed once
+        world = preflight.world_size_of(launch) if launch else int(os.environ.get("WORLD_SIZE", 1))
+        cfg = preflight.preflight(cfg, plugins, world)
+    if launch and "RANK" not in os.environ:
+        return _launch(args, launch)
+    if "RANK" in os.environ:  # a torchrun worker: die with the launcher, also when it is SIGKILLed
+        from loongforge.trainer.signals import die_with_parent
+
+        die_with_parent()
     from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
+    from loongforge.trainer.loop import run
 
     with quiet_console(cfg.output_dir):
         run(cfg, plugins)
@@ -158,10 +239,8 @@ def cmd_convert(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from loongforge import __version__
-
     parser = argparse.ArgumentParser(prog="loongforge", description="LoongForge training framework")
-    parser.add_argument("--version", action="version", version=f"loongforge-core {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):
@@ -169,7 +248,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="a YAML file, or a config name from the plugins' config directories")
         p.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax)")
 
-    run = sub.add_parser("run", help="compose a config and run its task (train)")
+    run = sub.add_parser(
+        "run", help="compose a config and run its task (train)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Compose CONFIG (default: {DEFAULT_CONFIG!r}, a small Qwen3-style model on the shipped "
+                    "tiny-stories corpus) with key=value overrides and run its task.",
+        epilog=RUN_EPILOG)
     config_args(run)
     run.set_defaults(func=cmd_run)
     sub.add_parser("plugins", help="installed plugins, versions and hooks").set_defaults(func=cmd_plugins)
@@ -237,6 +320,7 @@ def _split_launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from loongforge.errors import LoongForgeError
+    from loongforge.trainer.signals import EXIT_INTERRUPTED, Interrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, launch = _split_launch_flags(argv)
@@ -251,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, LoongForgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first, below)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as exc:  # SIGTERM/SIGINT in training: the checkpoint is saved
+        if os.environ.get("RANK", "0") == "0":
+            print(exc, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -140,8 +140,10 @@ def loongforge_select_backend(available: list[BackendImpl], requested: str | Non
 def loongforge_layer_spec(backend: BackendImpl, config: Any, model_cfg: Any) -> Any | None:
     """Return a megatron-core ``ModuleSpec`` for a transformer layer, or ``None`` to defer.
 
-    Called when a model builds its layers; the default asks ``backend.layer_spec``. A plugin that
-    wants its own attention or MLP modules for some model returns a spec here.
+    Called when a model builds its layers: every provider gets its spec through
+    ``loongforge.model_provider.transformer_layer_spec``, which calls this hook; the default asks
+    ``backend.layer_spec``. A plugin that wants its own attention or MLP modules for some model
+    returns a spec here.
     """
 
 

@@ -27,17 +27,21 @@ class ModelFamily:
     """A model family, e.g. ``qwen3``.
 
     ``builder``: a ``loongforge.model_provider.ModelProvider`` class, called with the ``model``
-    config section. ``hf_model_types``: HF ``config.json`` ``model_type``
-    values this family loads. ``weight_mapping``: ``fn(model_cfg) -> WeightMapping`` between
-    HF and our parameter names. ``config_groups``: the Hydra groups holding its sizes.
+    config section. ``hf_model_types``: HF ``config.json`` ``model_type`` values this family
+    loads (``model.pretrained`` picks the family by them). ``from_hf_config``:
+    ``fn(hf_config: dict) -> dict``, the ``model`` section of an HF ``config.json`` (validated;
+    refuses fields it does not implement); with it, ``model.pretrained`` is resolved when the
+    config is composed (``loongforge.model_section``). ``config_groups``: the Hydra groups holding
+    its sizes (a size named ``*_tiny`` is a test size). ``supported``: ``False`` when the family
+    has no reference implementation it is proven against (listed apart by ``loongforge models``).
     """
 
     name: str
     builder: str
     hf_model_types: tuple[str, ...] = ()
-    weight_mapping: str | None = None
-    hf_config_from_model: str | None = None
+    from_hf_config: str | None = None
     config_groups: tuple[str, ...] = ()
+    supported: bool = True
     description: str = ""
 
 

@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from loongforge.errors import LoongForgeError
+
 __all__ = [
     "TE_NORM_NAMES",
     "FusedGateUp",
@@ -79,7 +81,7 @@ TE_NORM_NAMES: dict[str, str] = {
 }
 
 
-class MappingError(ValueError):
+class MappingError(LoongForgeError, ValueError):
     """A tensor has the wrong shape or cannot be split; the message names the parameter."""
 
 

@@ -21,9 +21,9 @@ def loongforge_register_models():
             name=f.name,
             builder=f.provider,
             hf_model_types=f.hf_model_types,
-            weight_mapping="loongforge_llm.provider:weight_mapping_for",
-            hf_config_from_model="loongforge_llm.provider:hf_config_for",
+            from_hf_config="loongforge_llm.provider:model_cfg_from_hf_config",
             config_groups=tuple(f"models/{g}" for g in f.config_groups),
+            supported=f.supported,
             description=f.description,
         )
         for f in FAMILIES.values()

@@ -30,6 +30,8 @@ from loongforge_llm.common.args import (
     parse_model_args,
     to_plain_dict,
 )
+from loongforge_llm.common.family import FamilySpec
+from loongforge_llm.common.hf_fields import check_fields
 from loongforge_llm.families import family_for_model_type, get_family
 from loongforge_llm.moe.args import has_moe_keys
 
@@ -38,13 +40,7 @@ if TYPE_CHECKING:
     from loongforge.weight_mapping import WeightMapping
     from megatron.core.transformer import TransformerConfig
 
-__all__ = [
-    "LLMProvider",
-    "provider_for",
-    "hf_config_for",
-    "model_cfg_from_hf_config",
-    "weight_mapping_for",
-]
+__all__ = ["LLMProvider", "model_cfg_from_hf_config", "provider_for"]
 
 
 class _DropGPTModelDeprecation(logging.Filter):
@@ -75,11 +71,25 @@ class LLMProvider:
     ``loongforge_layer_spec``; moving is a change of this class only.
     """
 
+    #: the family this provider class is bound to (``loongforge_llm.dense.dense_provider``); None:
+    #: one of this package's families, by ``model.family``
+    family_spec: FamilySpec | None = None
+
     def __init__(self, model_cfg: Any, *, plugins: Any = None):
         self.model_cfg = model_cfg
         self._section = to_plain_dict(model_cfg)
+        spec = self.family_spec
+        if spec is not None:
+            self._section.setdefault("family", spec.name)
+            if self._section["family"] != spec.name:
+                raise ModelConfigError(f"config key 'model.family': {self._section['family']!r} is built by the "
+                                       f"{spec.name!r} provider")
+        elif self._section.get("family") is not None:  # an unknown family fails naming the known ones
+            spec = get_family(str(self._section["family"]))
+        if spec is not None:
+            check_fields(self._section, spec.hf_fields, ModelConfigError)
         args = parse_model_args(self._section)
-        self.family = get_family(args.family)
+        self.family = spec or get_family(args.family)
         moe_keys = has_moe_keys(self._section)
         if moe_keys and not self.family.moe:
             raise ModelConfigError(
@@ -113,6 +123,16 @@ class LLMProvider:
         """Parameter count from the config (HF count; with ``padded``, our padded embedding)."""
         vocab = self.padded_vocab_size(padded) if padded is not None else None
         return num_parameters(self.args, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, vocab_size=vocab)
+
+    def architecture(self) -> dict[str, Any]:
+        """What fixes the parameters and the computed function, normalised (an absent ``head_dim``
+        is ``hidden_size / num_attention_heads``): resuming compares it with the checkpoint's.
+        Not in it: initialisation, dropout, token ids, ``max_position_embeddings`` (RoPE needs
+        no table; ``llama3`` scaling keeps its own ``original_max_position_embeddings``)."""
+        a = dataclasses.asdict(self.args)
+        for key in ("initializer_range", "attention_dropout", "extra", "max_position_embeddings"):
+            a.pop(key)
+        return {**a, "qk_norm": self.qk_norm}
 
     # --- megatron-core -------------------------------------------------------------------------
     def _fusion_flags(self, on_cuda: bool) -> dict[str, bool]:
@@ -196,13 +216,9 @@ class LLMProvider:
     def layer_spec(self, config: TransformerConfig, backend: Any, vp_stage: int | None = None) -> Any:
         """The layer spec from the ``loongforge_layer_spec`` hook (default: ``backend.layer_spec``);
         ``vp_stage``: the virtual pipeline stage being built (unused for dense models)."""
-        plugins = self._plugins
-        if plugins is None:
-            from loongforge.plugins import get_plugin_manager
+        from loongforge.model_provider import transformer_layer_spec
 
-            plugins = get_plugin_manager()
-        spec = plugins.hook.loongforge_layer_spec(backend=backend, config=config, model_cfg=self.model_cfg)
-        return spec if spec is not None else backend.layer_spec(config, self.model_cfg)
+        return transformer_layer_spec(config, backend, self.model_cfg, self._plugins)
 
     def build(
         self,
@@ -302,6 +318,20 @@ class LLMProvider:
         mapping = self.weight_mapping(run).matching(state)
         return mapping.ours_to_hf(state.__getitem__)
 
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """A ``model`` section from an HF ``config.json`` dict: the same keys plus ``family`` (this
+        class's bound family, else the one whose ``hf_model_types`` has ``model_type``), validated
+        (unsupported fields refused), RoPE keys in the legacy ``rope_theta``/``rope_scaling`` form."""
+        section = dict(hf_config)
+        spec = cls.family_spec or family_for_model_type(str(hf_config.get("model_type")))
+        section.setdefault("family", spec.name)
+        a = cls(section).args
+        section["rope_theta"] = a.rope_theta
+        section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None
+        section.pop("rope_parameters", None)
+        return section
+
     def hf_config(self) -> dict[str, Any]:
         """The HF ``config.json`` of this model (legacy ``rope_theta``/``rope_scaling`` keys, which
         every transformers version reads)."""
@@ -332,7 +362,7 @@ class LLMProvider:
         return cfg
 
 
-# --- registry entry points (ModelFamily.weight_mapping / hf_config_from_model) -------------------
+# --- registry entry points (ModelFamily.builder / from_hf_config) --------------------------------
 
 
 def provider_for(model_cfg: Any) -> LLMProvider:
@@ -344,24 +374,8 @@ def provider_for(model_cfg: Any) -> LLMProvider:
     return cls(model_cfg)
 
 
-def weight_mapping_for(model_cfg: Any, run: RunSettings | None = None) -> WeightMapping:
-    """``ModelFamily.weight_mapping``: the mapping of the model described by ``model_cfg``."""
-    return provider_for(model_cfg).weight_mapping(run)
-
-
-def hf_config_for(model_cfg: Any) -> dict[str, Any]:
-    """``ModelFamily.hf_config_from_model``: the HF ``config.json`` dict of ``model_cfg``."""
-    return provider_for(model_cfg).hf_config()
-
-
 def model_cfg_from_hf_config(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """A ``model`` section from an HF ``config.json`` dict: the same keys plus ``family``
-    (from ``model_type``), validated."""
-    section = dict(hf_config)
-    section.setdefault("family", family_for_model_type(str(hf_config.get("model_type"))).name)
-    provider = provider_for(section)
-    a = provider.args
-    section["rope_theta"] = a.rope_theta
-    section["rope_scaling"] = dict(a.rope_scaling) if a.rope_scaling else None
-    section.pop("rope_parameters", None)
-    return section
+    """``ModelFamily.from_hf_config`` of this package's families (see :meth:`LLMProvider.from_hf_config`),
+    through the family's own provider class (an MoE family's reads its MoE fields)."""
+    family = family_for_model_type(str(hf_config.get("model_type")))
+    return load_object(family.provider).from_hf_config(hf_config)

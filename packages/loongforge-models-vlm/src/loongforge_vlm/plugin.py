@@ -23,7 +23,6 @@ def loongforge_register_models():
             name="vlm",
             builder="loongforge_vlm.provider:VLMProvider",
             hf_model_types=MODEL_TYPES,
-            hf_config_from_model="loongforge_vlm.provider:hf_config_for",
             config_groups=("models/image_encoder", "models/image_projector"),
             description="vision encoder x projector x any registered LLM family, assembled from config",
         )

@@ -129,8 +129,37 @@ def compose_config(config: str, overrides: list[str] = (), registry=None) -> Dic
             cfg = compose(config_name=name, overrides=[*hydra_overrides, *_as_upserts(overrides)])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(str(exc), name, search)) from exc
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    return validate(cfg, registry)
+    cfg = validate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)), registry)
+    if cfg.model.get("pretrained"):  # the HF config.json, not the defaults list's size, is the model
+        from loongforge.model_section import resolve_model_section
+
+        cfg = resolve_model_section(cfg, registry, explicit=explicit_model_keys(config_dir, name, overrides))
+    return cfg
+
+
+def explicit_model_keys(config_dir: str, name: str, overrides) -> dict[str, str]:
+    """``model`` keys the user set -> where: the config file's own ``model:`` block (not a size its
+    defaults list selects) and ``model.KEY=...`` command-line overrides."""
+    import yaml
+
+    if config_dir.startswith("pkg://"):
+        from importlib.resources import files
+
+        primary = files(config_dir.removeprefix("pkg://")).joinpath(f"{name}.yaml")
+    else:
+        primary = Path(config_dir) / f"{name}.yaml"
+    keys: dict[str, str] = {}
+    try:
+        raw = yaml.safe_load(primary.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        keys.update({str(k): f"set in {Path(str(primary)).name}" for k in raw["model"]})
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model.") and "=" in override:
+            keys[key.split(".")[1]] = "set on the command line"
+    return keys
 
 
 def _explain(message: str, name: str, search: list[str]) -> str:

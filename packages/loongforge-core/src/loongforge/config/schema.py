@@ -102,6 +102,9 @@ class CheckpointConfig:
     keep_last: int | None = 2
     #: load only the model weights from ``load`` (continued pre-training: new data, new schedule)
     weights_only: bool = False
+    #: a fresh run (load=null) into a directory holding another run's checkpoints deletes them
+    #: (false: refused, naming the directory); see loongforge.trainer.compat
+    overwrite: bool = False
     save_hf: bool = False
     #: with save_hf: also export <dir>/hf_step_N every N steps (0: only the final <dir>/hf)
     save_hf_interval: int = 0

@@ -25,13 +25,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 from safetensors.torch import load_file, save_file
 
-from loongforge.errors import LoongForgeError
+from loongforge.trainer.compat import LATEST, CheckpointError, latest_checkpoint
 
-LATEST = "latest"
-
-
-class CheckpointError(LoongForgeError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the path."""
+__all__ = ["LATEST", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -85,6 +81,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(root: str | Path, step: int, chunks, optimizer, trainer_state: dict, backend,
                     keep_last: int | None = None) -> Path:
     """Write checkpoint ``step`` under ``root`` and move ``latest`` to it."""
+    from loongforge.trainer.signals import guard_checkpoint_writer
+
+    guard_checkpoint_writer()  # megatron's writer helper process dies with this one
     root = Path(root)
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_suffix(".tmp")
     rank = dist.get_rank()
@@ -116,16 +115,6 @@ def _prune(root: Path, keep_last: int | None) -> None:
     for old in done[:-keep_last]:
         shutil.rmtree(old)
 
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when there is none yet."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
 
 
 def load_checkpoint(path: str | Path, chunks, optimizer, backend, load_rng: bool = True) -> dict:

@@ -21,6 +21,7 @@ from loongforge.plugins import lookup
 from loongforge.registry import load_object
 from loongforge.task import TrainTask
 from loongforge.trainer import checkpoint as ckpt
+from loongforge.trainer import compat, signals
 from loongforge.trainer.metrics import RunLogger, mfu
 from loongforge.trainer.model import per_token_loss_settings
 from loongforge.trainer.optim import build_optimizer, build_scheduler
@@ -79,11 +80,13 @@ class Trainer:
         path = self.task.resume_from(path)
         if path is None:
             return
+        compat.check_resume(self.cfg, path, self.rt.plugins)  # before anything is loaded
         weights_only = self.cfg.checkpoint.weights_only
         state = ckpt.load_checkpoint(path, self.model, None if weights_only else self.optimizer,
                                      self.rt.backend, load_rng=not weights_only)
         if not weights_only:
             self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+            self.saved_step = self.step
             warn_schedule_change(path, state["scheduler"], self.scheduler.state_dict())
             self.scheduler.load_state_dict(state["scheduler"])
         self.hooks.loongforge_on_checkpoint_load(trainer=self, step=self.step, path=str(path))
@@ -93,6 +96,7 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict()}
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state,
                                     self.rt.backend, self.cfg.checkpoint.keep_last)
+        self.saved_step = self.step
         if self.rt.is_main:
             OmegaConf.save(self.cfg, self.ckpt_dir / "config.yaml")
             self.task.save_extra(self.ckpt_dir)
@@ -173,6 +177,7 @@ class Trainer:
         peak = rt.backend.peak_flops(cfg.train.precision)
         units_per_step = cfg.train.global_batch_size * self.units_per_sample
         rate_key = "tokens_per_s" if self.task.unit == "tokens" else "samples_per_s"
+        stop = signals.StopOnSignal(rt.backend.device(), verbose=rt.is_main).install()  # SIGTERM/SIGINT: save, exit
         try:
             while self.step < total:
                 rt.backend.synchronize()
@@ -195,9 +200,13 @@ class Trainer:
                     self.hooks.loongforge_on_evaluate(trainer=self, step=self.step, metrics=eval_metrics)
                 if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
                     self.save()
-            if cfg.checkpoint.save_final and (ckpt.latest_checkpoint(self.ckpt_dir) or Path()).name != f"step_{self.step:08d}":
-                self.save()
+                if stop.requested():
+                    break
+            if (cfg.checkpoint.save_final or stop.signum) and getattr(self, "saved_step", None) != self.step:
+                self.save()  # unless this run saved this step already
+            stop.raise_if_stopped(self.step, total, self.ckpt_dir / f"step_{self.step:08d}")
         finally:
+            stop.uninstall()
             logger.close()
         curve = logger.save_loss_curve(self.ckpt_dir / "loss_curve.png") if cfg.logging.loss_curve else None
         if first_loss is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -52,7 +53,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.logging.progress:
+        self.total = total_steps
+        # a progress bar only on a terminal; redirected output gets one plain line per log interval
+        if cfg.logging.progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -70,11 +73,10 @@ class RunLogger:
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
-        status = _format(metrics)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, status=status)
+            self.progress.update(self.task, completed=step, status=_format(metrics))
         else:
-            print(f"step {step} {status}", flush=True)
+            print(step_line(step, self.total, metrics), flush=True)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -125,6 +127,23 @@ class RunLogger:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+#: the fields of a plain progress line, in order, with their labels
+LINE_FIELDS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad norm {:.3f}"),
+               ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"))
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """``step 10/300 | loss 4.1234 | lr 3.00e-04 | grad norm 1.234 | 8,772 tok/s | MFU 41.2%``
+    (MFU only where the backend knows its peak FLOP/s; skipped steps and peak memory appended)."""
+    parts = [f"step {step}/{total}"]
+    parts += [fmt.format(metrics[key]) for key, fmt in LINE_FIELDS if metrics.get(key) is not None]
+    if metrics.get("skipped"):
+        parts.append("skipped (inf/nan gradients)")
+    if metrics.get("peak_gib") is not None:
+        parts.append(f"peak {metrics['peak_gib']:.2f} GiB")
+    return " | ".join(parts)
 
 
 def _format(metrics: dict[str, float]) -> str:

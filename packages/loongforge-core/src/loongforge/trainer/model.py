@@ -6,10 +6,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
-from loongforge.config import ConfigError
 from loongforge.model_provider import RunSettings
-from loongforge.plugins import lookup
-from loongforge.registry import load_object
+from loongforge.model_section import model_provider, resolve_model_section
+
+__all__ = ["build_model_chunks", "count_parameters", "load_pretrained", "model_provider", "resolve_model_section",
+           "run_settings"]
 
 
 def run_settings(cfg) -> RunSettings:
@@ -20,46 +21,6 @@ def run_settings(cfg) -> RunSettings:
         recompute_granularity=t.recompute.granularity, recompute_method=t.recompute.method,
         recompute_num_layers=t.recompute.num_layers,
     )
-
-
-def resolve_model_section(cfg, plugins):
-    """``model.pretrained=HF_DIR``: its ``config.json`` fills the model section (the section's own
-    keys win) and its ``model_type`` picks the family when ``model.family`` is not given.
-    Idempotent: a resolved section already holds every key of the config.json."""
-    import json
-    from pathlib import Path
-
-    from omegaconf import OmegaConf, open_dict
-
-    if not cfg.model.get("pretrained"):
-        return cfg
-    path = Path(cfg.model.pretrained)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"config key 'model.pretrained': {path} has no config.json (an HF model directory is expected)")
-    hf = json.loads(config_file.read_text())
-    section = OmegaConf.to_container(cfg.model)
-    if "family" not in section:
-        model_type = hf.get("model_type")
-        matches = [n for n, rec in plugins.registry().models.items() if model_type in rec.hf_model_types]
-        if not matches:
-            raise ConfigError(f"{config_file}: no installed model family loads model_type {model_type!r}")
-        section["family"] = matches[0]
-    with open_dict(cfg):
-        cfg.model = {**{k: v for k, v in hf.items() if not k.startswith("_")}, **section}
-    return cfg
-
-
-def model_provider(cfg, plugins):
-    """The provider of the family named by ``model.family``."""
-    cfg = resolve_model_section(cfg, plugins)
-    family = cfg.model.get("family")
-    if not family:
-        raise ConfigError("config key 'model.family' is missing: pick a model config, e.g. "
-                         "'defaults: [{/models/qwen3@model: qwen3_0.6b}]'")
-    registry = plugins.registry()
-    record = lookup(registry.models, family, "model family (config key 'model.family')", plugins.failures)
-    return load_object(record.builder)(cfg.model)
 
 
 def build_model_chunks(provider, settings: RunSettings, backend, plugins) -> list:

@@ -12,11 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: the RoPE scaling types this package reproduces exactly
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from loongforge.config import ConfigError
+
+#: the RoPE scaling types this package reproduces exactly, with the keys each one reads
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConfigError):
     """A ``model`` config value is missing or invalid; the message names the key."""
 
 
@@ -100,7 +104,11 @@ def _rope(d: dict) -> tuple[float, dict[str, Any] | None]:
                 f"config key 'model.rope_scaling.rope_type': {rope_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
-        need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+        unknown = sorted(set(scaling) - {"rope_type", *ROPE_KEYS[rope_type]})
+        if unknown:  # e.g. partial_rotary_factor, attention_factor, mrope_section: not implemented
+            raise ModelConfigError(f"config key 'model.rope_scaling.{unknown[0]}' is not supported for rope_type "
+                                   f"{rope_type!r} (it reads: {', '.join(ROPE_KEYS[rope_type]) or 'nothing'})")
+        need = ROPE_KEYS[rope_type][:3]
         for k in need:
             if k not in scaling:
                 raise ModelConfigError(f"config key 'model.rope_scaling.{k}' is required for rope_type {rope_type!r}")

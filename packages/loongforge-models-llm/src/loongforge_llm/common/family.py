@@ -20,6 +20,7 @@ class FamilySpec:
     ``transformers`` class the parity tests compare against; ``None`` when there is none, in which
     case ``supported`` is ``False``. ``ignore_hf``: regexes of HF tensors knowingly not loaded.
     ``provider``/``moe``: see the fields (MoE families: ``loongforge_llm.moe``).
+    ``hf_fields``: config.json fields of this family's own, known to change nothing we build.
     """
 
     name: str
@@ -33,6 +34,8 @@ class FamilySpec:
     hf_reference: str | None = None
     supported: bool = True
     ignore_hf: tuple[str, ...] = ()
+    #: HF config.json fields of this family beyond ``common.hf_fields`` (known, harmless)
+    hf_fields: tuple[str, ...] = ()
     description: str = ""
     #: the ``ModelProvider`` class (``"module:Class"``) that builds the family
     provider: str = "loongforge_llm.provider:LLMProvider"

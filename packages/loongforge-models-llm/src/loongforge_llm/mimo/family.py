@@ -28,6 +28,7 @@ FAMILY = MiMoFamily(
     hf_reference=None,
     supported=False,
     ignore_hf=(r"model\.mtp_layers\..*",),
+    hf_fields=("num_nextn_predict_layers",),  # the MTP layers, which are not built
     description="EXPERIMENTAL MiMo-7B main model on the Qwen2 layout; MTP layers not loaded; "
     "no HF reference class - parity not tested",
 )

@@ -1,8 +1,8 @@
-"""A provider that builds megatron-core's GPTModel with the backend's layer spec."""
+"""A provider of its own that builds megatron-core's GPTModel with the layer spec the
+``loongforge_layer_spec`` hook gives (``loongforge.model_provider.transformer_layer_spec``).
+torch and megatron-core are imported when a model is built, not when the config is checked."""
 
-import torch
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer import TransformerConfig
+from loongforge.model_provider import transformer_layer_spec
 
 
 class TinyGPTProvider:
@@ -13,6 +13,9 @@ class TinyGPTProvider:
         return self.cfg["vocab_size"]
 
     def transformer_config(self, run):
+        import torch
+        from megatron.core.transformer import TransformerConfig
+
         c = self.cfg
         return TransformerConfig(
             num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
@@ -26,6 +29,8 @@ class TinyGPTProvider:
         )
 
     def build(self, config, run, *, backend, pre_process, post_process, vp_stage=None):
-        return GPTModel(config=config, transformer_layer_spec=backend.layer_spec(config, self.cfg),
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel(config=config, transformer_layer_spec=transformer_layer_spec(config, backend, self.cfg),
                         vocab_size=self.padded_vocab_size(run), max_sequence_length=run.seq_length,
                         pre_process=pre_process, post_process=post_process, position_embedding_type="rope")
