@@ -47,7 +47,7 @@ def test_registered_kernels_cover_the_backend_ops():
     backend = CudaBackend()
     backend.configure_kernels(KERNELS, ["triton_swiglu"])
     assert set(backend.kernels) == {"rmsnorm", "add_rmsnorm", "rope", "qkv_rope", "flash_attention", "fused_linear_cross_entropy",
-                                   "adamw_step"}
+                                   "adamw_step", "lightning_indexer", "sparse_mla_forward"}
     assert backend.kernel("swiglu") is None
     from loongforge_kernels.rmsnorm import rms_norm
 
