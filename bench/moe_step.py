@@ -45,13 +45,10 @@ from llm_step import PEAK, Clock, megatron_world, model_section, parse_row, time
 
 
 def active_flops_per_token(provider, seq: int) -> tuple[float, int]:
-    """(FLOPs per token, N_active) as the module docstring defines them."""
+    """(FLOPs per token, N_active) as the module docstring defines them (the provider's own formula)."""
     a = provider.args
-    n_active = provider.num_parameters(active=True) - a.vocab_size * a.hidden_size  # no input embedding lookup
-    if a.tie_word_embeddings:
-        n_active += a.vocab_size * a.hidden_size  # the (tied) output layer is a matrix product
-    attn = 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * seq
-    return 6 * n_active + attn, n_active
+    fpt = provider.flops_per_token(seq)
+    return fpt, round((fpt - 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * seq) / 6)
 
 
 def row_megatron(section: dict, args, opts: dict, grouped: bool) -> dict:

@@ -22,7 +22,7 @@ Call order in every process (the trainer calls nothing else)::
     result = task.summarize(trainer.fit())
 
 Loss contract (megatron-core's per-token loss): ``loss_fn(output)`` returns ``(loss_sum, count,
-logged)`` where ``loss_sum`` is the loss SUMMED over ``count`` units (tokens or samples, see
+logged)`` where ``loss_sum`` is the loss SUMMED over ``count`` units (an integer tensor: tokens or samples, see
 :attr:`TrainTask.unit`) and ``logged`` holds at least ``{"loss_sum": ..., "tokens": count}``
 (detached; the names in :attr:`TrainTask.logged_values` too). The trainer
 divides gradients by the global count, so gradient accumulation and data parallelism give the

@@ -84,8 +84,13 @@ class LanguageModelTask(TrainTask):
         return int(self.cfg.train.seq_length)
 
     def flops_per_unit(self) -> float:
+        """FLOPs per token: the provider's own ``flops_per_token(seq_length)`` where it has one (an
+        MoE counts only the experts a token uses), else the dense formula of ``trainer.metrics``."""
         from loongforge.trainer.metrics import flops_per_token
 
+        own = getattr(self.provider, "flops_per_token", None)
+        if own is not None:
+            return own(self.cfg.train.seq_length)
         return flops_per_token(self.config, self.vocab_size, self.cfg.train.seq_length)
 
     def save_extra(self, ckpt_dir) -> None:

@@ -229,18 +229,22 @@ def _has_wrapped_attr(module, name: str) -> bool:
 def _complete_module_contract(chunks: list, pp: int) -> None:
     """What megatron-core's schedules ask of a model chunk, for a task's own module (a
     ``GPTModel`` has all of it): ``model_type`` (default: encoder-or-decoder) and, without
-    pipeline parallelism, a no-op ``set_input_tensor``. Under pipelining a task's chunk must take
-    the previous stage's activations itself, so a missing ``set_input_tensor`` is an error."""
+    pipeline parallelism, a no-op ``set_input_tensor`` on the innermost module (wrappers such as
+    ``Float16Module`` forward the call to it). Under pipelining a task's chunk must take the
+    previous stage's activations itself, so a missing ``set_input_tensor`` is an error."""
     from loongforge.config import ConfigError
 
     for chunk in chunks:
         if not _has_wrapped_attr(chunk, "model_type"):
             chunk.model_type = ModelType.encoder_or_decoder
-        if not _has_wrapped_attr(chunk, "set_input_tensor"):
+        inner = chunk
+        while getattr(inner, "module", None) is not None:
+            inner = inner.module
+        if not hasattr(inner, "set_input_tensor"):
             if pp > 1:
-                raise ConfigError(f"config key 'parallel.pp' = {pp}: the task's model {type(chunk).__name__} has no "
+                raise ConfigError(f"config key 'parallel.pp' = {pp}: the task's model {type(inner).__name__} has no "
                                   "set_input_tensor(tensor), so it cannot run as a pipeline stage")
-            chunk.set_input_tensor = _no_pipeline_input
+            inner.set_input_tensor = _no_pipeline_input
 
 
 def _no_pipeline_input(tensor) -> None:

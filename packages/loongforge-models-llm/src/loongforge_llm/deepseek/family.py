@@ -52,6 +52,10 @@ FAMILY = DeepseekV3Family(
     config_groups=("deepseek_v3",),
     rules="loongforge_llm.deepseek.weights:rules",
     moe_args="loongforge_llm.deepseek.family:parse",
+    # MLA and routing fields the parser reads; num_nextn_predict_layers: the MTP layers, not built
+    hf_fields=(*MoEFamilySpec.hf_fields, "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "qk_head_dim",
+               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave", "n_group", "topk_group",
+               "n_shared_experts", "routed_scaling_factor", "num_nextn_predict_layers"),
     moe_mlp="loongforge_llm.moe.spec:routed_and_shared_experts_mlp",
     provider="loongforge_llm.deepseek.provider:DeepseekV3Provider",
     hf_reference="transformers:DeepseekV3ForCausalLM",

@@ -19,6 +19,11 @@ class MoEFamilySpec(FamilySpec):
     moe: bool = True
     moe_args: str = ""
     moe_mlp: str = "loongforge_llm.moe.spec:routed_experts_mlp"
+    #: the MoE config.json fields the MoE parser reads (``output_router_logits``: HF's inference flag),
+    #: and ``moe``, our own options (``moe/args.py``)
+    hf_fields: tuple[str, ...] = ("moe", "num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
+                                  "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef",
+                                  "output_router_logits")
 
     def moe_config_fields(self, section: dict[str, Any], moe: MoEArgs) -> dict[str, Any]:
         """Family-specific MoE ``TransformerConfig`` fields (routing function, shared experts...)."""

@@ -111,6 +111,17 @@ class MoEProvider(LLMProvider):
         return moe_num_parameters(self.args, self.moe, qk_norm=self.qk_norm, vocab_size=vocab, active=active,
                                   extra=self.family.moe_extra_params(self.args, self.moe))
 
+    def flops_per_token(self, seq_length: int) -> float:
+        """Model FLOPs (forward + backward) per token for MFU, on ACTIVE parameters:
+        6 x N_active + 6 x layers x heads x head_dim x S, N_active = the matrix-product parameters a
+        token goes through (attention, router, its top-k and shared experts, the output layer; not
+        the input embedding lookup)."""
+        a = self.args
+        n_active = self.num_parameters(active=True) - a.vocab_size * a.hidden_size
+        if a.tie_word_embeddings:
+            n_active += a.vocab_size * a.hidden_size  # the (tied) output layer is a matrix product
+        return 6 * n_active + 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * seq_length
+
     def hf_config(self) -> dict[str, Any]:
         cfg = super().hf_config()
         cfg.update(self.family.moe_hf_config(self._section, self.moe))

@@ -44,6 +44,7 @@ FAMILY = Qwen3MoeFamily(
     config_groups=("qwen3_moe",),
     rules="loongforge_llm.qwen3_moe.weights:rules",
     moe_args="loongforge_llm.qwen3_moe.family:parse",
+    hf_fields=(*MoEFamilySpec.hf_fields, "decoder_sparse_step", "mlp_only_layers"),
     qkv_bias=False,
     qk_norm=True,
     hf_reference="transformers:Qwen3MoeForCausalLM",
