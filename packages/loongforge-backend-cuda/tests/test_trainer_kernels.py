@@ -26,7 +26,8 @@ def test_trainer_runtime_configures_kernels_from_config(monkeypatch):
     cfg = compose_config("default", ["kernels.disable=[rope,triton_swiglu]"], registry=plugins.registry())
     with rt.runtime(cfg, plugins) as r:
         assert set(r.backend.kernels) == {"rmsnorm", "add_rmsnorm", "qkv_rope", "flash_attention",
-                                           "fused_linear_cross_entropy", "adamw_step", *flash_attn.installed()}
+                                           "fused_linear_cross_entropy", "adamw_step", "lightning_indexer",
+                                           "sparse_mla_forward", *flash_attn.installed()}
     cfg = compose_config("default", ["kernels.disable=[ropee]"], registry=plugins.registry())
     with pytest.raises(ConfigError, match=r"kernels\.disable.*'ropee'"):
         with rt.runtime(cfg, plugins):
