@@ -95,6 +95,12 @@ def test_imported_modules_reads_lazy_and_guarded_imports():
                                      "flash_attn": True}
 
 
+#: modules imported only on the GPU machine and deliberately in no lock: tilelang's apache-tvm-ffi pin
+#: conflicts with flash-attn-4's in one uv.lock, so it is installed by hand there (kernels README);
+#: the kernels import it only when present (``loongforge_kernels.dsa``)
+NOT_LOCKED = {"tilelang": "loongforge-kernels"}
+
+
 @pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
 def test_every_third_party_import_is_declared(pkg: Path):
     project = _pyproject(pkg)["project"]
@@ -115,6 +121,8 @@ def test_every_third_party_import_is_declared(pkg: Path):
             continue
         dists = [own[module]] if module in own else third_party.get(module)
         where = path.relative_to(REPO)
+        if not dists and NOT_LOCKED.get(module) == name:
+            continue
         if not dists:
             problems.append(f"{module!r} (imported in {where}) belongs to no installed distribution")
             continue

@@ -131,7 +131,7 @@ def test_release_script_bumps_builds_smokes_and_prints_the_tag(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__", "bench",
                                                               "dist", "*.egg-info"))
-    name = "loongforge-embodied"
+    name = "loongforge-backend-xpu"
     old = Version(_project(copy / "packages" / name)["project"]["version"])
     new = f"{old.major}.{old.minor + 1}.0"
     out = subprocess.run([sys.executable, str(copy / "scripts" / "release.py"), name, "--bump", "minor"], cwd=copy,

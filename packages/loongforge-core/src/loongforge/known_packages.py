@@ -41,6 +41,7 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "internvl3_5_8b": VLM,
         "llava_onevision_tiny": VLM,
         "pi05_tiny": EMBODIED,
+        "pi0_tiny": EMBODIED,
         "qwen2_5_vl_tiny": VLM,
         "qwen3_moe_tiny": LLM,
         "qwen3_vl_2b": VLM,
@@ -51,6 +52,7 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "wan_tiny": DIFFUSION,
     },
     "config_group": {
+        "models/deepseek_v3": LLM,
         "models/image_encoder": VLM,
         "models/image_projector": VLM,
         "models/llama2": LLM,
@@ -66,9 +68,11 @@ PROVIDERS: dict[str, dict[str, str]] = {
     "tasks": {
         "vla_train": EMBODIED,
         "vlm_sft": VLM,
+        "wan_preprocess": DIFFUSION,
         "wan_pretrain": DIFFUSION,
     },
     "models": {
+        "deepseek_v3": LLM,
         "llama": LLM,
         "mimo": LLM,
         "qwen2": LLM,
