@@ -54,7 +54,9 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, max_new_tokens: int =
 
     root, step_dir = _resolve(checkpoint)
     cfg = OmegaConf.load(root / "config.yaml")
-    cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
+    from loongforge.parallel import single_process_layout
+
+    cfg.parallel = single_process_layout()
     cfg.tokenizer.path = str(root / "tokenizer")
     cfg.model.pop("pretrained", None)  # the saved section is resolved; the checkpoint holds every weight
     plugins = get_plugin_manager()

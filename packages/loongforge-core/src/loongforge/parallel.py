@@ -122,6 +122,16 @@ def configure_pipeline_schedule(config, layout: Layout) -> None:
         config.batch_p2p_comm = False
 
 
+def single_process_layout() -> dict:
+    """The ``parallel`` section of a one-process run (every size 1, the schema's defaults): what
+    generation and exports from a checkpoint of any layout run under."""
+    from dataclasses import asdict
+
+    from loongforge.config.schema import ParallelConfig
+
+    return asdict(ParallelConfig())
+
+
 def init_model_parallel(cfg):
     """megatron-core's parallel state for ``cfg.parallel``; returns its ProcessGroupCollection."""
     from megatron.core import parallel_state

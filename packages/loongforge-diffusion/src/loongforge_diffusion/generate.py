@@ -95,7 +95,9 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, out: str, *, steps: i
 
     root, step_dir = _resolve(checkpoint)
     cfg = OmegaConf.load(root / "config.yaml")
-    cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
+    from loongforge.parallel import single_process_layout
+
+    cfg.parallel = single_process_layout()
     cfg.model.pop("pretrained", None)  # the checkpoint holds every weight
     for key, value in (("sample_steps", steps), ("sample_guidance", guidance), ("sample_solver", solver)):
         if value is not None:

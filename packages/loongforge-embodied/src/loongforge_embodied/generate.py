@@ -58,7 +58,9 @@ def generate(checkpoint: str, *, prompt: str | None, output: str | None, seed: i
     from loongforge_embodied.pi05.prompt import load_tokenizer
 
     policy, cfg, info, root, step = load_policy(checkpoint)
-    cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
+    from loongforge.parallel import single_process_layout
+
+    cfg.parallel = single_process_layout()
     with runtime(cfg, get_plugin_manager()) as rt:
         load_checkpoint(step, [policy], None, rt.backend, load_rng=False)
     policy = policy.eval()

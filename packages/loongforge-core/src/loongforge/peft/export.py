@@ -89,7 +89,9 @@ def export_lora(checkpoint: str, out_dir: str, merge: bool = False) -> Path:
     lora = cfg.get("peft", {}).get("lora", {})
     if not lora or int(lora.get("rank", 0)) < 1:
         raise LoongForgeError(f"{root}/config.yaml: this run has no LoRA adapters (peft.lora.rank is 0)")
-    cfg.parallel = {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "sequence_parallel": False}
+    from loongforge.parallel import single_process_layout
+
+    cfg.parallel = single_process_layout()
     cfg.train.precision = "fp32"
     # the saved model section is already resolved and the checkpoint holds the base weights too:
     # the HF base directory is only named in the adapter config, it need not exist any more

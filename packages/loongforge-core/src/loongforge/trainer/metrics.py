@@ -131,7 +131,7 @@ class RunLogger:
 
 #: the fields of a plain progress line, in order, with their labels
 LINE_FIELDS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad norm {:.3f}"),
-               ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"))
+               ("tokens_per_s", "{:,.0f} tok/s"), ("samples_per_s", "{:,.2f} samples/s"), ("mfu", "MFU {:.1%}"))
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
