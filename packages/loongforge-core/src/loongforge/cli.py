@@ -172,19 +172,20 @@ def cmd_run(args, launch: list[str]) -> int:
         _report_failures(plugins)
     cfg = _compose(args)
     lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
-    if not preflight.done():  # before any worker starts: a user error is printed once
-        world = preflight.world_size_of(launch) if launch else int(os.environ.get("WORLD_SIZE", 1))
-        cfg = preflight.preflight(cfg, plugins, world)
-    if launch and "RANK" not in os.environ:
-        return _launch(args, launch)
-    if "RANK" in os.environ:  # a torchrun worker: die with the launcher, also when it is SIGKILLed
-        from loongforge.trainer.signals import die_with_parent
-
-        die_with_parent()
     from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
-    from loongforge.trainer.loop import run
 
-    with quiet_console(cfg.output_dir):
+    with quiet_console(cfg.output_dir):  # from the preflight on (it imports the model's libraries)
+        if not preflight.done():  # before any worker starts: a user error is printed once
+            world = preflight.world_size_of(launch) if launch else int(os.environ.get("WORLD_SIZE", 1))
+            cfg = preflight.preflight(cfg, plugins, world)
+        if launch and "RANK" not in os.environ:
+            return _launch(args, launch)
+        if "RANK" in os.environ:  # a torchrun worker: die with the launcher, also when it is SIGKILLed
+            from loongforge.trainer.signals import die_with_parent
+
+            die_with_parent()
+        from loongforge.trainer.loop import run
+
         run(cfg, plugins)
     return 0
 
