@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loongforge_vlm.components.common import component_args
-from loongforge_vlm.components.qwen2_5_vit import image_lengths, rotate_half, vision_positions
+from loongforge_vlm.components.qwen2_5_vit import (
+    VisionAttention,
+    image_lengths,
+    vision_positions,
+)
 
 ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu}
 
@@ -63,23 +67,6 @@ class Qwen3ViTArgs:
                              f"{', '.join(ACTIVATIONS)}")
 
 
-class Attention(nn.Module):
-    def __init__(self, a: Qwen3ViTArgs):
-        super().__init__()
-        self.num_heads, self.head_dim = a.num_heads, a.head_dim
-        self.qkv = nn.Linear(a.hidden_size, 3 * a.hidden_size)
-        self.proj = nn.Linear(a.hidden_size, a.hidden_size)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [n, heads, d]
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        outs = [F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(0, 1)
-                for qs, ks, vs in zip(q.split(spans), k.split(spans), v.split(spans), strict=True)]
-        return self.proj(torch.cat(outs).reshape(n, -1))
-
-
 class MLP(nn.Module):
     def __init__(self, a: Qwen3ViTArgs):
         super().__init__()
@@ -96,7 +83,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.norm2 = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
-        self.attn = Attention(a)
+        self.attn = VisionAttention(a)
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, spans):
