@@ -410,8 +410,3 @@ def _first_present(get_hf_tensor, names: list[str]):
             except Exception:  # noqa: BLE001
                 continue
         raise first
-
-
-def hf_config_for(model_cfg: Any) -> dict[str, Any]:
-    """``ModelFamily.hf_config_from_model``."""
-    return VLMProvider(model_cfg).hf_config()
