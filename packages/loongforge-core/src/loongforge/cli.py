@@ -174,10 +174,12 @@ def cmd_run(args, launch: list[str]) -> int:
     lookup(plugins.registry().tasks, cfg.task, "task (config key 'task')", plugins.failures)
     from loongforge.console import quiet_console  # library warnings/logs -> <output_dir>/run.log
 
-    with quiet_console(cfg.output_dir):  # from the preflight on (it imports the model's libraries)
+    # from the preflight on (it imports the model's libraries); the log file only once it passed
+    with quiet_console(cfg.output_dir, deferred=True) as log:
         if not preflight.done():  # before any worker starts: a user error is printed once
             world = preflight.world_size_of(launch) if launch else int(os.environ.get("WORLD_SIZE", 1))
             cfg = preflight.preflight(cfg, plugins, world)
+        log.open()
         if launch and "RANK" not in os.environ:
             return _launch(args, launch)
         if "RANK" in os.environ:  # a torchrun worker: die with the launcher, also when it is SIGKILLed

@@ -45,16 +45,54 @@ class _OursOrVerbose(logging.Filter):
         return verbose() or record.name.split(".")[0].startswith("loongforge")
 
 
+class RunLog:
+    """``output_dir/run.log``, held in memory until :meth:`open` (so that a run refused before it
+    starts creates no output directory), then appended to line by line."""
+
+    def __init__(self, path: Path):
+        self.path, self._held, self._file = path, [], None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self._held.append(text)
+        else:
+            self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def open(self) -> None:
+        """Create the file (and its directory) and write what was held."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+            self._file.write("".join(self._held))
+            self._held.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    @property
+    def written(self) -> bool:
+        return self._file is not None and self.path.stat().st_size > 0
+
+
 @contextlib.contextmanager
-def quiet_console(output_dir: str | os.PathLike):
-    """Route third-party warnings and library log messages to ``output_dir/run.log``."""
+def quiet_console(output_dir: str | os.PathLike, deferred: bool = False):
+    """Route third-party warnings and library log messages to ``output_dir/run.log``; yields the
+    :class:`RunLog`. ``deferred``: the file is created only once the caller calls ``.open()``
+    (what was logged before is kept in memory until then, and dropped if it never is)."""
     import torch  # noqa: F401 - torch installs its log handler on import; it is redirected below
 
-    path = Path(output_dir) / LOG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     rank = os.environ.get("RANK", "0")
     echo = verbose()
-    with open(path, "a", buffering=1) as log, contextlib.ExitStack() as undo:
+    log = RunLog(Path(output_dir) / LOG_NAME)
+    if not deferred:
+        log.open()
+    with contextlib.ExitStack() as undo:
+        undo.callback(log.close)
         ours = _our_dirs()
         shown = warnings.showwarning
 
@@ -92,7 +130,7 @@ def quiet_console(output_dir: str | os.PathLike):
                 torch_logger.removeHandler(handler)
                 undo.callback(torch_logger.addHandler, handler)
         try:
-            yield path
+            yield log
         finally:
-            if rank == "0" and not echo and path.stat().st_size:
-                print(f"library messages: {path} ({ENV_VERBOSE}=1 prints them here)", file=sys.stderr)
+            if rank == "0" and not echo and log.written:
+                print(f"library messages: {log.path} ({ENV_VERBOSE}=1 prints them here)", file=sys.stderr)
