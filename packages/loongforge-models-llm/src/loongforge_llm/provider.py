@@ -86,15 +86,15 @@ class LLMProvider:
                                        f"{spec.name!r} provider")
         elif self._section.get("family") is not None:  # an unknown family fails naming the known ones
             spec = get_family(str(self._section["family"]))
+        moe_keys = has_moe_keys(self._section)
+        if spec is not None and moe_keys and not spec.moe:  # before the unknown-key check: the better hint
+            raise ModelConfigError(
+                f"config key 'model.{moe_keys[0]}': the {spec.name} family is dense; MoE keys "
+                f"({', '.join(moe_keys)}) need an MoE family (e.g. model.family=qwen3_moe)")
         if spec is not None:
             check_fields(self._section, spec.hf_fields, ModelConfigError)
         args = parse_model_args(self._section)
         self.family = spec or get_family(args.family)
-        moe_keys = has_moe_keys(self._section)
-        if moe_keys and not self.family.moe:
-            raise ModelConfigError(
-                f"config key 'model.{moe_keys[0]}': the {args.family} family is dense; MoE keys "
-                f"({', '.join(moe_keys)}) need an MoE family (e.g. model.family=qwen3_moe)")
         self.family.validate(args)
         self.qkv_bias = self.family.has_qkv_bias(args)
         #: the parsed section; ``attention_bias`` normalised to "has q/k/v biases" for the family
