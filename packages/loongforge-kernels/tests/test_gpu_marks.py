@@ -31,12 +31,23 @@ def test_device_tests_marked_gpu_only_on_cuda(tmp_path):
     assert all(i.markers == [pytest.mark.gpu] for i in marked)
 
 
+def _declared_gpu(item) -> bool:
+    """A GPU-only test, marked ``gpu`` in its source (module ``pytestmark`` or a decorator)."""
+    marks = []
+    for owner in (getattr(item, "module", None), getattr(item, "function", None)):
+        declared = getattr(owner, "pytestmark", [])
+        marks += declared if isinstance(declared, list) else [declared]
+    return any(getattr(m, "name", None) == "gpu" for m in marks)
+
+
 def test_this_session_marks_follow_the_device(request):
-    """In this very run: a device test carries ``gpu`` iff CUDA is available."""
+    """In this very run: a device-parametric test carries ``gpu`` iff CUDA is available (tests
+    declared GPU-only in their source carry it everywhere and are left out)."""
     import torch
 
     session_items = request.session.items
-    device_tests = [i for i in session_items if "kt" in i.fixturenames and Path(__file__).parent in i.path.parents]
+    device_tests = [i for i in session_items if "kt" in i.fixturenames and Path(__file__).parent in i.path.parents
+                    and not _declared_gpu(i)]
     if not device_tests:
         pytest.skip("no device-parametric kernel test collected with this one")
     for item in device_tests:
