@@ -374,11 +374,11 @@ def row_hf(section: dict, args, opts: dict) -> dict:
     ``.grad``), ``fused`` (``torch.optim.AdamW(fused=True)`` instead of torch's default foreach
     path), ``ckpt`` (HF gradient checkpointing of every decoder layer, non-reentrant)."""
     import transformers
-    from loongforge_llm.provider import LLMProvider
+    from loongforge_llm.provider import provider_for
 
     mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
     accumulate = int(opts.get("gas", 1))
-    provider = LLMProvider(section)
+    provider = provider_for(section)  # the family's own provider (an MoE family's for bench/moe_step.py)
     cfg = provider.hf_config()
     hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
     torch.manual_seed(0)

@@ -109,34 +109,14 @@ def row_megatron(section: dict, args, opts: dict, grouped: bool) -> dict:
 
 
 def row_hf(section: dict, args, opts: dict) -> dict:
-    import transformers
+    """bench/llm_step.py's HF row (options fused, gas=N, ckpt) with MFU on active parameters."""
+    import llm_step
     from loongforge_llm.moe.provider import MoEProvider
 
-    mbs, seq = int(opts.get("mbs", args.mbs)), args.seq
+    result = llm_step.row_hf(section, args, opts)
     provider = MoEProvider(section)
-    cfg = provider.hf_config()
-    hf_config = transformers.CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation="sdpa", dtype=torch.bfloat16).to(args.device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    vocab = provider.args.vocab_size
-
-    def step():
-        tokens = torch.randint(0, vocab, (mbs, seq), device=args.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        mid = clock.mark()
-        optimizer.step()
-        return loss.detach(), mid
-
-    clock = Clock(args.device == "cuda")
-    result = time_steps(step, clock, args.warmup, args.steps, profile=args.profile)
-    fpt, n_active = active_flops_per_token(provider, seq)
-    result.update(tokens=mbs * seq, flops_token=fpt, n_active=n_active, mbs=mbs, n_total=provider.num_parameters())
+    fpt, n_active = active_flops_per_token(provider, args.seq)
+    result.update(flops_token=fpt, n_active=n_active, n_total=provider.num_parameters())
     return result
 
 
